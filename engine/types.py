@@ -1,0 +1,69 @@
+"""The engine's public value types: what a caller sends in and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+import torch
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+
+class BackendName(str, Enum):
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+STAGES = ("text_encode", "denoise", "vae_decode")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to make. The image depends only on (model, prompt, seed, width, height)."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+
+    @property
+    def shape_key(self) -> tuple[int, int]:
+        """Requests with equal keys may share a batch."""
+        return (self.width, self.height)
+
+
+@dataclass
+class GeneratedImage:
+    pixels: np.ndarray  # (height, width, 3) uint8 RGB
+    seed: int
+
+
+@dataclass
+class BatchResult:
+    images: list[GeneratedImage]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage in STAGES
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the service reports and validates against."""
+
+    name: str
+    backend: str
+    dtype: str
+    device: str
+    steps: int
+    max_prompt_tokens: int  # text encoder window, including BOS/EOS
+    size_multiple: int  # width and height must be multiples of this (pixels)
+    default_size: int  # pixels, the UNet's native sample size times the VAE factor
