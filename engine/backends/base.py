@@ -1,0 +1,34 @@
+"""The one interface every backend implements: three compute stages on tensors."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    """Runs the three compute stages. Inputs and outputs are torch tensors on `device`.
+
+    The pipeline owns tokenization, noise, latent scaling and post-processing; a backend only computes.
+    """
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def unsupported(self, batch: int, latent_height: int, latent_width: int) -> str | None:
+        """Why this backend cannot run that shape (e.g. outside a compiled profile), or None."""
+        ...
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] int64 token ids -> [B, L, D] prompt states."""
+        ...
+
+    def denoise(self, z_t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] initial noise and prompt states -> [B, C, h, w] final latents z_0."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] VAE-scale latents (already divided by the scaling factor) -> [B, 3, H, W] in [-1, 1]."""
+        ...

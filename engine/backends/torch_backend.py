@@ -1,0 +1,67 @@
+"""Eager (optionally compiled) PyTorch on CPU or CUDA."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from engine.config import EngineConfig
+from engine.denoiser import TiUEDenoiser
+from engine.loading import Components
+
+log = logging.getLogger(__name__)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents).sample
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, components: Components, config: EngineConfig):
+        self.device = torch.device(config.device)
+        self.dtype = config.precision.torch_dtype
+        self.text_encoder: nn.Module = _TextEncoder(components.text_encoder)
+        self.denoiser: nn.Module = TiUEDenoiser(
+            components.unet, components.chain, components.scheduler_config
+        )
+        self.decoder: nn.Module = _Decoder(components.vae)
+        if self.device.type == "cuda":
+            components.unet.to(memory_format=torch.channels_last)
+            components.vae.to(memory_format=torch.channels_last)
+        if config.torch_compile:
+            log.info("compiling the denoiser and VAE decoder with torch.compile")
+            self.denoiser = torch.compile(self.denoiser, dynamic=True)  # type: ignore[assignment]
+            self.decoder = torch.compile(self.decoder, dynamic=True)  # type: ignore[assignment]
+
+    def unsupported(self, batch: int, latent_height: int, latent_width: int) -> str | None:
+        return None
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.to(self.device))
+
+    @torch.inference_mode()
+    def denoise(self, z_t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(z_t.to(self.device, self.dtype), states.to(self.dtype))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents.to(self.device, self.dtype))

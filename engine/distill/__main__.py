@@ -1,0 +1,42 @@
+"""`python -m engine.distill <stage>`: each stage reads the previous stages' outputs from --workdir
+and resumes from its own checkpoint when rerun."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.distill import stages
+
+log = logging.getLogger("engine.distill")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.distill", description=__doc__)
+    parser.add_argument(
+        "stage", choices=sorted(stages.STAGES), help="which stage to run ('all' runs them in order)"
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("runs/distill"), help="checkpoints and caches")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps for this stage (default per stage)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch size for this stage (default per stage)"
+    )
+    parser.add_argument("--variant", default=None, help="student variant: vsd_kl, vsd, regress")
+    parser.add_argument("--out", type=Path, default=None, help="ship: the pipeline folder to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    stages.run(args.stage, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Loading a TiUE checkpoint: a local diffusers pipeline folder, offline, in a chosen dtype and device."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from engine.denoiser import check_unet_supported
+from engine.errors import ModelLoadError
+from engine.schedule import DDIMChain
+from engine.tiny_model import build_tiny_pipeline
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": None,
+    "scheduler": "scheduler_config.json",
+}
+SHIPPED_DEFAULT = Path(__file__).parent / "default_model"
+TINY_DEFAULT_VERSION = "tiny-sd15-seed0-v1"
+
+
+@dataclass
+class Components:
+    """Everything a backend and the pipeline need from a checkpoint."""
+
+    name: str
+    path: Path
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    chain: DDIMChain
+
+
+def cache_root() -> Path:
+    """Where generated artefacts live: $TIUE_CACHE_DIR, else $XDG_CACHE_HOME/tiue-serve, else ~/.cache/tiue-serve."""
+    if os.environ.get("TIUE_CACHE_DIR"):
+        return Path(os.environ["TIUE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiue-serve"
+
+
+def default_model_dir() -> Path:
+    """The shipped distilled default when present; else a small deterministic model built once."""
+    if (SHIPPED_DEFAULT / "model_index.json").is_file():
+        return SHIPPED_DEFAULT
+    path = cache_root() / TINY_DEFAULT_VERSION
+    if not (path / "model_index.json").is_file():
+        log.info("building the embedded default model at %s", path)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_tiny_pipeline(tmp, "sd15", seed=0)
+        tmp.replace(path)
+    return path
+
+
+def check_model_dir(path: Path) -> None:
+    """Fail with a message naming exactly what is missing from a pipeline folder."""
+    if not path.exists():
+        raise ModelLoadError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a folder")
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
+    missing = []
+    for name, config in COMPONENTS.items():
+        sub = path / name
+        if not sub.is_dir() or (config and not (sub / config).is_file()):
+            missing.append(f"{name}/" + (config or ""))
+    if missing:
+        raise ModelLoadError(f"{path} is missing pipeline components: {', '.join(missing)}")
+
+
+def load_components(
+    model_dir: Path | None, dtype: torch.dtype, device: str | torch.device, steps: int
+) -> Components:
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    check_model_dir(path)
+    kw: dict[str, Any] = {"local_files_only": True}
+    try:
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        chain = DDIMChain.from_scheduler_config(scheduler_config, steps)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
+        check_unet_supported(unet)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot load the pipeline in {path}: {exc}") from exc
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ModelLoadError(
+            f"unet cross_attention_dim {unet.config.cross_attention_dim} does not match the text encoder's "
+            f"hidden size {text_encoder.config.hidden_size}"
+        )
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    name = "default" if path == SHIPPED_DEFAULT or path.name == TINY_DEFAULT_VERSION else path.name
+    return Components(name, path, unet, vae, text_encoder, tokenizer, scheduler_config, chain)

@@ -1,0 +1,167 @@
+"""Prompts to uint8 images: tokenize, encode text, TiUE denoise, VAE decode, post-process.
+
+The math lives here once; backends only run the three compute stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from engine.backends import Backend, create_backend
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError, UnsupportedSizeError
+from engine.loading import Components, load_components
+from engine.types import BatchResult, GeneratedImage, GenerationRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+
+
+class TiUEPipeline:
+    def __init__(self, components: Components, backend: Backend, config: EngineConfig):
+        self.components = components
+        self.backend = backend
+        self.config = config
+        vae_cfg = components.vae.config
+        self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.latent_channels = int(components.unet.config.in_channels)
+        self.scaling_factor = float(vae_cfg.scaling_factor)
+        self.shift_factor = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
+        unet_downs = len(components.unet.config.block_out_channels) - 1
+        self.info = ModelInfo(
+            name=components.name,
+            backend=backend.name,
+            dtype=config.precision.value,
+            device=str(backend.device),
+            steps=components.chain.steps,
+            max_prompt_tokens=int(components.tokenizer.model_max_length),
+            size_multiple=self.vae_scale * 2**unet_downs,
+            default_size=int(components.unet.config.sample_size) * self.vae_scale,
+        )
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequestError with a message a person can act on; never touches the device."""
+        if not request.prompt.strip():
+            raise InvalidRequestError("prompt must not be empty")
+        if not 0 <= request.seed <= MAX_SEED:
+            raise InvalidRequestError(f"seed must be in [0, {MAX_SEED}], got {request.seed}")
+        m = self.info.size_multiple
+        for name, value in (("width", request.width), ("height", request.height)):
+            if value < m or value % m:
+                raise UnsupportedSizeError(
+                    f"{name} {value} is not supported: it must be a positive multiple of {m}"
+                )
+        reason = self.backend.unsupported(
+            1, request.height // self.vae_scale, request.width // self.vae_scale
+        )
+        if reason:
+            raise UnsupportedSizeError(f"size {request.width}x{request.height} is not supported: {reason}")
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens including BOS/EOS, before truncation to the text encoder's window."""
+        return len(self.components.tokenizer(prompt, truncation=False).input_ids)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> BatchResult:
+        """One image per request, in order. All requests must share a size."""
+        if not requests:
+            return BatchResult(images=[])
+        if len({r.shape_key for r in requests}) != 1:
+            raise InvalidRequestError("all requests in one batch must have the same width and height")
+        for r in requests:
+            self.validate(r)
+        images: list[GeneratedImage] = []
+        timings: dict[str, float] = {}
+        step = max(1, self.config.max_batch_size)
+        for start in range(0, len(requests), step):
+            chunk = requests[start : start + step]
+            pixels = self._generate_chunk(chunk, timings)
+            images += [GeneratedImage(p, r.seed) for p, r in zip(pixels, chunk, strict=True)]
+        return BatchResult(images=images, timings=timings)
+
+    def _generate_chunk(self, requests: Sequence[GenerationRequest], timings: dict[str, float]) -> np.ndarray:
+        width, height = requests[0].shape_key
+        with self._timed("text_encode", timings):
+            ids = self.tokenize([r.prompt for r in requests])
+            states = self.backend.encode_text(ids)
+        with self._timed("denoise", timings):
+            z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
+            z_0 = self.backend.denoise(z_t.to(self.backend.device, self.backend.dtype), states)
+        with self._timed("vae_decode", timings):
+            images = self.backend.decode(z_0 / self.scaling_factor + self.shift_factor)
+            pixels = to_uint8(images)
+        return pixels
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.components.tokenizer
+        out = tok(
+            list(prompts),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return out.input_ids
+
+    def initial_noise(
+        self, requests: Sequence[GenerationRequest], latent_h: int, latent_w: int
+    ) -> torch.Tensor:
+        """z_T drawn per image on the CPU from its own seed: independent of batch and device."""
+        shape = (1, self.latent_channels, latent_h, latent_w)
+        return torch.cat(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(r.seed), dtype=torch.float32)
+                for r in requests
+            ]
+        )
+
+    def warmup(self) -> None:
+        """One full generation at the default size so first requests do not pay for lazy init."""
+        size = self.info.default_size
+        self.generate([GenerationRequest("warm up", 0, size, size)])
+
+    @contextmanager
+    def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor rounds."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def load_pipeline(
+    config: EngineConfig, backend_factory: Callable[..., Backend] = create_backend
+) -> TiUEPipeline:
+    """Load the checkpoint named by `config` (or the embedded default) onto the chosen backend."""
+    started = time.perf_counter()
+    components = load_components(config.model_dir, config.precision.torch_dtype, config.device, config.steps)
+    backend = backend_factory(components, config)
+    pipeline = TiUEPipeline(components, backend, config)
+    log.info(
+        "loaded model %s from %s on %s/%s/%s in %.1fs (timesteps %s, %s)",
+        components.name,
+        components.path,
+        backend.name,
+        config.device,
+        config.precision.value,
+        time.perf_counter() - started,
+        list(components.chain.timesteps),
+        "folded DDIM" if components.chain.linear else "DDIM step loop",
+    )
+    return pipeline
