@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random-init pipeline folders in both UNet shapes, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.tiny_model import build_tiny_pipeline
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The embedded default model and engine caches go to a per-run folder, never the user's cache."""
+    os.environ["TIUE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tiue-cache"))
+
+
+@pytest.fixture(scope="session", params=["sd15", "sd21"])
+def tiny_model_dir_any(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny pipeline folder, once per UNet shape (SD1.5-like and SD2.1-base-like)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SD1.5-shaped pipeline folder (for tests that need one model, not both shapes)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd15-main"), "sd15", seed=0)
