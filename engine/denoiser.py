@@ -100,6 +100,7 @@ class TiUEDenoiser(nn.Module):
         self.scheduler_config = dict(scheduler_config or {})
         if not chain.linear and scheduler_config is None:
             raise ValueError("a non-linear chain needs the scheduler config for the step loop")
+        self.timesteps: torch.Tensor
         self.register_buffer("timesteps", torch.tensor(chain.timesteps, dtype=torch.long), persistent=False)
 
     def eps(self, z_t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:

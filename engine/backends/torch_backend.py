@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
 
 from engine.config import EngineConfig
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class _Decoder(nn.Module):
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
 
