@@ -15,15 +15,54 @@ def _data(a: argparse.Namespace) -> None:
 def _vae(a: argparse.Namespace) -> None:
     from engine.distill.vae import encode_cache, train_vae
 
-    train_vae(a.workdir, steps=a.steps or 1200, batch=a.batch or 32, seed=a.seed)
-    encode_cache(a.workdir, n=30_000, seed=a.seed)
+    train_vae(a.workdir, steps=a.steps or 800, batch=a.batch or 32, seed=a.seed)
+    encode_cache(a.workdir, n=a.n or 30_000, seed=a.seed)
+
+
+def _teacher(a: argparse.Namespace) -> None:
+    from engine.distill.teacher import train_teacher
+
+    train_teacher(a.workdir, steps=a.steps or 9000, batch=a.batch or 64, seed=a.seed)
+
+
+def _judge(a: argparse.Namespace) -> None:
+    from engine.distill.judge import train_judge
+
+    train_judge(a.workdir, steps=a.steps or 1500, batch=a.batch or 64, seed=a.seed)
+
+
+def _student(a: argparse.Namespace) -> None:
+    from engine.distill.student import VARIANTS, train_student
+
+    for variant in [a.variant] if a.variant else VARIANTS:
+        train_student(
+            a.workdir, variant, steps=a.steps or 1500, batch=a.batch or 32, seed=a.seed, n_targets=a.n or 4096
+        )
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from engine.distill.evaluate import run_eval
+
+    run_eval(a.workdir)
+
+
+def _ship(a: argparse.Namespace) -> None:
+    from engine.distill.ship import DEFAULT_MODEL_DIR, draw_grid, ship
+
+    out = ship(a.workdir, a.variant or "vsd_kl", a.out or DEFAULT_MODEL_DIR)
+    draw_grid(out, a.workdir / "eval" / "grid.png")
 
 
 STAGES: dict[str, Callable[[argparse.Namespace], None]] = {
     "data": _data,
     "vae": _vae,
+    "teacher": _teacher,
+    "judge": _judge,
+    "student": _student,
+    "eval": _eval,
+    "ship": _ship,
 }
-ORDER = ("data", "vae")
+ORDER = ("data", "vae", "judge", "teacher", "student", "eval", "ship")
 
 
 def _all(a: argparse.Namespace) -> None:
