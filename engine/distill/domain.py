@@ -130,8 +130,9 @@ def _jitter_color(rgb: tuple[int, int, int], rng: np.random.Generator, amount: i
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    pts: list[tuple[float, float]]
     if shape == "square":
-        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        pts = [(-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)]
         scale = r * 0.85
     elif shape == "triangle":
         pts = [(0, -1.15), (1.1, 0.85), (-1.1, 0.85)]
@@ -162,9 +163,9 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     s = _SUPERSAMPLE
     img = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), _jitter_color(COLORS[scene.background], rng))
     draw = ImageDraw.Draw(img)
-    cx, cy = _POSITION_XY[scene.position]
-    cx += rng.uniform(-3, 3)
-    cy += rng.uniform(-3, 3)
+    px, py = _POSITION_XY[scene.position]
+    cx = px + rng.uniform(-3, 3)
+    cy = py + rng.uniform(-3, 3)
     r = _RADIUS[scene.size] * rng.uniform(0.9, 1.1)
     fill = _jitter_color(COLORS[scene.color], rng)
     if scene.shape == "circle":

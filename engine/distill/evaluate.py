@@ -117,7 +117,15 @@ class Generators:
             out = []
             for i in range(0, len(prompts), 128):
                 cond = encode(self.text_encoder, self.tokenizer, prompts[i : i + 128])
-                z = ddim_sample(self.teacher, self.config, initial_noise(seeds[i : i + 128]), cond, self.uncond, steps, guidance)
+                z = ddim_sample(
+                    self.teacher,
+                    self.config,
+                    initial_noise(seeds[i : i + 128]),
+                    cond,
+                    self.uncond,
+                    steps,
+                    guidance,
+                )
                 out.append(decode(self.vae, z))
             return np.concatenate(out)
 
@@ -153,7 +161,11 @@ def run_eval(workdir: Path) -> dict:
         "teacher, 4-step DDIM, no CFG": g.teacher_ddim(4, guidance=1.0),
         "teacher weights run one-pass (student init)": g.one_pass(g.teacher),
     }
-    names = {"vsd_kl": "TiUE student: VSD + KL (paper)", "vsd": "TiUE student: VSD, no KL (ablation)", "regress": "TiUE student: regression baseline"}
+    names = {
+        "vsd_kl": "TiUE student: VSD + KL (paper)",
+        "vsd": "TiUE student: VSD, no KL (ablation)",
+        "regress": "TiUE student: regression baseline",
+    }
     for v in VARIANTS:
         if (unet := g.student(v)) is not None:
             rows[names[v]] = g.one_pass(unet)
@@ -178,7 +190,10 @@ def run_eval(workdir: Path) -> dict:
         images = gen(flat_prompts, flat_seeds)
         div_images = gen(div_flat, div_seeds)
         groups = [div_images[i : i + DIVERSITY_SEEDS] for i in range(0, len(div_images), DIVERSITY_SEEDS)]
-        results["rows"][name] = {"accuracy": accuracy(judge, images, flat_prompts), "diversity": diversity(judge, groups)}
+        results["rows"][name] = {
+            "accuracy": accuracy(judge, images, flat_prompts),
+            "diversity": diversity(judge, groups),
+        }
         log.info("%s: %s", name, results["rows"][name])
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def train_judge(workdir: Path, steps: int, batch: int, seed: int, lr: float = 2e
         x = _augment(to_unit(images), gen)
         y = torch.from_numpy(label_array(scenes))
         logits = model(x)
-        loss = sum(F.cross_entropy(logits[a], y[:, j]) for j, a in enumerate(ATTRIBUTES))
+        loss = torch.stack([F.cross_entropy(logits[a], y[:, j]) for j, a in enumerate(ATTRIBUTES)]).sum()
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         opt.zero_grad(set_to_none=True)

@@ -31,7 +31,13 @@ class LoRAConv2d(nn.Module):
         self.base = base
         r = min(rank, base.in_channels, base.out_channels)
         self.down = nn.Conv2d(
-            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+            base.in_channels,
+            r,
+            base.kernel_size,  # type: ignore[arg-type]
+            base.stride,  # type: ignore[arg-type]
+            base.padding,  # type: ignore[arg-type]
+            base.dilation,  # type: ignore[arg-type]
+            bias=False,
         )
         self.up = nn.Conv2d(r, base.out_channels, 1, bias=False)
         nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
@@ -42,7 +48,7 @@ class LoRAConv2d(nn.Module):
         return self.base(x) + self.scale * self.up(self.down(x))
 
 
-def add_lora(module: nn.Module, rank: int = 16, alpha: float = 16.0) -> list[nn.Parameter]:
+def add_lora(module: nn.Module, rank: int = 16, alpha: float = 16.0) -> list[torch.Tensor]:
     """Freeze `module`, wrap its Linear/Conv2d layers, and return the new trainable parameters."""
     module.requires_grad_(False)
     targets = [
@@ -51,9 +57,11 @@ def add_lora(module: nn.Module, rank: int = 16, alpha: float = 16.0) -> list[nn.
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear | nn.Conv2d) and not isinstance(parent, LoRALinear | LoRAConv2d)
     ]
-    params: list[nn.Parameter] = []
+    params: list[torch.Tensor] = []
     for parent, name, child in targets:
-        wrapped = LoRALinear(child, rank, alpha) if isinstance(child, nn.Linear) else LoRAConv2d(child, rank, alpha)
+        wrapped = (
+            LoRALinear(child, rank, alpha) if isinstance(child, nn.Linear) else LoRAConv2d(child, rank, alpha)
+        )
         setattr(parent, name, wrapped)
         params += [wrapped.down.weight, wrapped.up.weight]
     return params

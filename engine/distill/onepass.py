@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -47,7 +48,9 @@ class LocalOnePass(nn.Module):
 
     def __init__(self, unet: UNet2DConditionModel, scheduler_config: dict, steps: int = 4) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet: Any = unet
+        self.timesteps: torch.Tensor
+        self.eps_coefs: torch.Tensor
         timesteps, s, e = folded_chain(scheduler_config, steps)
         self.register_buffer("timesteps", timesteps, persistent=False)
         self.start_coef = s
@@ -77,7 +80,9 @@ class LocalOnePass(nn.Module):
             n = len(block.resnets)
             res, skips = skips[-n:], skips[:-n]
             if getattr(block, "has_cross_attention", False):
-                h = block(hidden_states=h, temb=temb, res_hidden_states_tuple=res, encoder_hidden_states=states_t)
+                h = block(
+                    hidden_states=h, temb=temb, res_hidden_states_tuple=res, encoder_hidden_states=states_t
+                )
             else:
                 h = block(hidden_states=h, temb=temb, res_hidden_states_tuple=res)
         h = u.conv_out(u.conv_act(u.conv_norm_out(h)))

@@ -13,7 +13,10 @@ from engine.distill.models import LATENT_CHANNELS, LATENT_SIZE
 def initial_noise(seeds: list[int], size: int = LATENT_SIZE) -> torch.Tensor:
     """One generator per image, so an image does not depend on the batch it lands in."""
     return torch.cat(
-        [torch.randn(1, LATENT_CHANNELS, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        [
+            torch.randn(1, LATENT_CHANNELS, size, size, generator=torch.Generator().manual_seed(s))
+            for s in seeds
+        ]
     )
 
 
@@ -45,5 +48,8 @@ def ddim_sample(
 
 @torch.no_grad()
 def decode(vae: AutoencoderKL, latents: torch.Tensor, batch: int = 128) -> np.ndarray:
-    out = [vae.decode(latents[i : i + batch] / vae.config.scaling_factor).sample for i in range(0, len(latents), batch)]
+    out = [
+        vae.decode(latents[i : i + batch] / vae.config.scaling_factor).sample
+        for i in range(0, len(latents), batch)
+    ]
     return to_uint8(torch.cat(out))

@@ -45,7 +45,9 @@ GRID_SEEDS = (0, 1, 2, 3)
 
 
 def ship(workdir: Path, variant: str, out: Path = DEFAULT_MODEL_DIR) -> Path:
-    unet = UNet2DConditionModel.from_pretrained(str(need(workdir / "student" / variant / "unet", "student")), local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(
+        str(need(workdir / "student" / variant / "unet", "student")), local_files_only=True
+    )
     _, text_encoder = load_teacher(workdir)
     pipe = StableDiffusionPipeline(
         vae=load_vae(workdir),
@@ -62,7 +64,9 @@ def ship(workdir: Path, variant: str, out: Path = DEFAULT_MODEL_DIR) -> Path:
     pipe.save_pretrained(str(out), safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # the slow CLIPTokenizer (transformers 4) reads these
         shutil.copyfile(workdir / "tokenizer" / name, out / "tokenizer" / name)
-    (out / "distill.json").write_text(json.dumps({"variant": variant, "steps": 4, "guidance": "distilled (none at inference)"}, indent=2))
+    (out / "distill.json").write_text(
+        json.dumps({"variant": variant, "steps": 4, "guidance": "distilled (none at inference)"}, indent=2)
+    )
     shutil.copyfile(need(workdir / "judge" / "judge.safetensors", "judge"), JUDGE_PATH)
     log.info("shipped %s student to %s", variant, out)
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,10 +54,10 @@ def _prompts(rng: np.random.Generator, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def build_targets(workdir: Path, n: int, seed: int, steps: int = 20, chunk: int = 128) -> dict[str, torch.Tensor]:
+def build_targets(workdir: Path, n: int, seed: int, steps: int = 20, chunk: int = 128) -> dict[str, Any]:
     """The teacher's guided DDIM outputs for n (noise, prompt) pairs; resumable chunk by chunk."""
     path = workdir / "student" / "targets.pt"
-    have = load_checkpoint(path) or {"z_t": [], "z_0": [], "prompts": []}
+    have: dict[str, Any] = load_checkpoint(path) or {"z_t": [], "z_0": [], "prompts": []}
     if len(have["prompts"]) >= n:
         return have
     unet, text_encoder = load_teacher(workdir)
@@ -68,8 +69,16 @@ def build_targets(workdir: Path, n: int, seed: int, steps: int = 20, chunk: int 
         k = len(have["prompts"]) // chunk
         rng = np.random.default_rng([seed, 77, k])
         prompts = _prompts(rng, chunk)
-        z_t = torch.randn(chunk, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(seed * 1_000 + k))
-        z_0 = ddim_sample(unet, config, z_t, encode(text_encoder, tokenizer, prompts), uncond, steps, GUIDANCE)
+        z_t = torch.randn(
+            chunk,
+            LATENT_CHANNELS,
+            LATENT_SIZE,
+            LATENT_SIZE,
+            generator=torch.Generator().manual_seed(seed * 1_000 + k),
+        )
+        z_0 = ddim_sample(
+            unet, config, z_t, encode(text_encoder, tokenizer, prompts), uncond, steps, GUIDANCE
+        )
         have["z_t"].append(z_t)
         have["z_0"].append(z_0)
         have["prompts"].extend(prompts)
@@ -130,8 +139,8 @@ def train_student(
         rng = np.random.default_rng([seed, 5, step])
         gen = torch.Generator().manual_seed(seed * 104_729 + step)
         if targets is not None:
-            idx = rng.integers(0, len(tprompts), batch)
-            prompts = [tprompts[i] for i in idx]
+            idx = torch.from_numpy(rng.integers(0, len(tprompts), batch))
+            prompts = [tprompts[int(i)] for i in idx]
             z_t, target = tz_t[idx], tz_0[idx]
         else:
             prompts = _prompts(rng, batch)
@@ -161,7 +170,12 @@ def train_student(
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
         if step % 100 == 0 or step == steps:
-            state = {"student": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}
+            state = {
+                "student": student.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+            }
             if fake is not None and fake_opt is not None:
                 state |= {"fake": fake.state_dict(), "fake_opt": fake_opt.state_dict()}
             save_checkpoint(ckpt_path, state)
@@ -192,7 +206,9 @@ def _vsd_loss(
     step size independent of t without hand-tuned weights."""
     x_t, _, t, a = _noised(z0.detach(), alphas, gen)
     with torch.no_grad():
-        e_c, e_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([states, uncond.expand_as(states)])).sample.chunk(2)
+        e_c, e_u = teacher(
+            torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([states, uncond.expand_as(states)])
+        ).sample.chunk(2)
         e_real = e_u + GUIDANCE * (e_c - e_u)
         fake.eval()
         e_fake = fake(x_t, t, states).sample

@@ -36,23 +36,31 @@ class LatentSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: np.ndarray, rng: np.random.Generator, dropout: float) -> tuple[torch.Tensor, list[str]]:
+    def batch(
+        self, idx: np.ndarray, rng: np.random.Generator, dropout: float
+    ) -> tuple[torch.Tensor, list[str]]:
         i = torch.from_numpy(idx)
         z = (self.mean[i] + self.std[i] * torch.randn_like(self.mean[i])) * self.scaling
         prompts = [
-            "" if rng.random() < dropout else training_caption(scene_from_labels(self.labels[k]), rng) for k in idx
+            "" if rng.random() < dropout else training_caption(scene_from_labels(self.labels[k]), rng)
+            for k in idx
         ]
         return z, prompts
 
 
-def train_teacher(workdir: Path, steps: int, batch: int, seed: int, lr: float = 3e-4, ema_decay: float = 0.999) -> None:
+def train_teacher(
+    workdir: Path, steps: int, batch: int, seed: int, lr: float = 3e-4, ema_decay: float = 0.999
+) -> None:
     out = workdir / "teacher"
     ckpt_path = out / "ckpt.pt"
     seed_all(seed)
     tokenizer = load_tokenizer(need(workdir / "tokenizer", "data"))
     data = LatentSet(workdir)
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_unet, ema_text = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text_encoder).requires_grad_(False),
+    )
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     step = 0
@@ -125,5 +133,7 @@ def export_teacher(workdir: Path) -> None:
 
 def load_teacher(workdir: Path) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     unet = UNet2DConditionModel.from_pretrained(str(workdir / "teacher" / "unet"), local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(str(workdir / "teacher" / "text_encoder"), local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(
+        str(workdir / "teacher" / "text_encoder"), local_files_only=True
+    )
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)

@@ -8,7 +8,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 def token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
