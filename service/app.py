@@ -1,0 +1,81 @@
+"""The app factory: settings in, FastAPI app out. No module-level app, engine or settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from engine.errors import EngineError
+from service.errors import ServiceError, error_response
+from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.protocol import Pipeline, PipelineFactory
+from service.routes import health, images
+from service.settings import Settings
+from service.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+
+def engine_factory(settings: Settings) -> PipelineFactory:
+    """The real pipeline, imported only when it is built (on the device thread, at startup)."""
+
+    def build() -> Pipeline:
+        from engine.pipeline import load_pipeline
+
+        pipeline: Pipeline = load_pipeline(settings.engine_config())
+        return pipeline
+
+    return build
+
+
+def create_app(
+    settings: Settings | None = None,
+    pipeline_factory: PipelineFactory | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the app. `pipeline_factory` replaces the engine (tests, benchmarks); `on_fatal` hears a failed load."""
+    settings = settings or Settings()
+    state = ServiceState(settings, on_fatal=on_fatal)
+    factory = pipeline_factory or engine_factory(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(state.load(factory), name="tiue-load")
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()  # the device thread finishes its load call; nothing will use the result
+                with suppress(asyncio.CancelledError):
+                    await loading
+            await state.shutdown()
+
+    app = FastAPI(
+        title="tiue-serve",
+        summary="Text-to-image generation with TiUE-distilled diffusion models, micro-batched.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.tiue = state
+    app.include_router(health.router)
+    app.include_router(images.router)
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        return error_response(exc, state.metrics)
+
+    for exc_type in (ServiceError, EngineError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(exc_type, handle)
+
+    routes = frozenset(
+        getattr(route, "path", "") for router in (health.router, images.router) for route in router.routes
+    )
+    app.add_middleware(BodyLimitMiddleware, metrics=state.metrics, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes)
+    return app

@@ -1,0 +1,149 @@
+"""`tiue`: one command, subcommands registered by small functions; heavy imports wait for the handler.
+
+Each `_add_<name>(subparsers)` adds one subcommand and sets `handler` (args -> exit code), so
+`tiue --help` imports neither torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
+
+_SERVE_FLAGS = {  # flag -> Settings field; a flag given on the command line wins over TIUE_* variables
+    "host": "host",
+    "port": "port",
+    "model": "model_dir",
+    "backend": "backend",
+    "device": "device",
+    "dtype": "dtype",
+    "steps": "steps",
+    "engine_dir": "engine_dir",
+    "build_engines": "build_engines",
+    "torch_compile": "torch_compile",
+    "max_batch_size": "max_batch_size",
+    "max_wait_ms": "max_wait_ms",
+    "queue_size": "queue_size",
+    "log_level": "log_level",
+}
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the HTTP API",
+        description="Serve the HTTP API. Settings come from TIUE_* environment variables (see "
+        "docs/service.md); these flags override them. With nothing set it serves the embedded "
+        "default model on 127.0.0.1:8000.",
+    )
+    p.add_argument("--host", help="bind address (TIUE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TIUE_PORT, default 8000")
+    p.add_argument("--model", type=Path, help="diffusers pipeline folder (TIUE_MODEL_DIR; default: embedded)")
+    p.add_argument("--backend", help="torch | onnxruntime | tensorrt (TIUE_BACKEND)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (TIUE_DEVICE)")
+    p.add_argument("--dtype", help="fp32 | fp16 | bf16 (TIUE_DTYPE)")
+    p.add_argument("--steps", type=int, help="TiUE decoder steps (TIUE_STEPS)")
+    p.add_argument("--engine-dir", type=Path, help="compiled-engine cache (TIUE_ENGINE_DIR)")
+    p.add_argument("--build-engines", action="store_true", default=None, help="build missing engines at load")
+    p.add_argument("--torch-compile", action="store_true", default=None, help="torch.compile the backend")
+    p.add_argument("--max-batch-size", type=int, help="images per engine call (TIUE_MAX_BATCH_SIZE)")
+    p.add_argument("--max-wait-ms", type=float, help="batch collection window (TIUE_MAX_WAIT_MS)")
+    p.add_argument("--queue-size", type=int, help="images that may wait (TIUE_QUEUE_SIZE)")
+    p.add_argument("--log-level", help="debug | info | warning | error (TIUE_LOG_LEVEL)")
+    p.set_defaults(handler=_run_serve)
+
+
+_REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_serve,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiue", description="TiUE text-to-image: serve and tools.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _REGISTRARS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {
+        field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items() if getattr(args, flag) is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"tiue serve: invalid settings\n{exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level.value)
+
+    failures: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(exc: BaseException) -> None:
+        failures.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,
+        log_level=settings.log_level.value,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    server = _draining_server(config, app.state.tiue.begin_drain)
+    server.run()
+    return 1 if failures else 0
+
+
+def _draining_server(config: uvicorn.Config, begin_drain: Callable[[], None]) -> uvicorn.Server:
+    """A uvicorn server that, on SIGTERM/SIGINT, makes /readyz 503 and stops admitting work at once.
+
+    Uvicorn alone only tells the app at lifespan shutdown, after open connections have finished.
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(begin_drain)  # a signal handler must not touch loop state
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

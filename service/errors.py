@@ -1,0 +1,190 @@
+"""Service errors and the one place that turns any exception into an HTTP answer.
+
+Every error body has OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the
+clients of `/v1/images/generations` read our errors as they read OpenAI's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from engine.errors import InvalidRequestError
+from service.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error with a known HTTP answer. `reason` labels tiue_requests_rejected_total (None: not counted)."""
+
+    status_code = 500
+    error_type = "server_error"
+    reason: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+
+
+class MalformedBody(ServiceError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    reason = "invalid"
+
+
+class InvalidInput(ServiceError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    reason = "invalid"
+
+
+class NotAcceptable(ServiceError):
+    status_code = 406
+    error_type = "invalid_request_error"
+    reason = "invalid"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    reason = "invalid"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    reason = "invalid"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    error_type = "authentication_error"
+    reason = "unauthorized"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+class QueueFull(ServiceError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    reason = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: float):
+        super().__init__(message, headers=_retry_after(retry_after_s))
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    error_type = "service_unavailable"
+    reason = "not_ready"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None):
+        super().__init__(message, headers=_retry_after(retry_after_s) if retry_after_s else None)
+
+
+class ShuttingDown(NotReady):
+    """Draining: this replica takes no new work; another replica should."""
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+    error_type = "timeout"
+    reason = "timeout"
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away before its images were made; nobody reads this answer."""
+
+    status_code = 499
+    error_type = "cancelled"
+    reason = "cancelled"
+
+
+class BatchFailed(ServiceError):
+    """The engine failed on a batch; every request in that batch gets this (logged once, by the worker)."""
+
+    status_code = 500
+
+    def __init__(self, batch_id: int):
+        super().__init__(f"image generation failed (batch {batch_id}); the error is in the server log")
+
+
+class _HttpError(ServiceError):
+    def __init__(self, status_code: int, message: str, headers: Mapping[str, str] | None):
+        super().__init__(message, headers=headers)
+        self.status_code = status_code
+        self.error_type = "invalid_request_error" if status_code < 500 else "server_error"
+
+
+def _param(loc: Sequence[Any]) -> str:
+    parts = [str(part) for part in loc if part != "body"]
+    return ".".join(parts) if parts else "body"
+
+
+def _from_validation(exc: RequestValidationError) -> ServiceError:
+    errors = list(exc.errors())
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            detail = (error.get("ctx") or {}).get("error", "")
+            return MalformedBody(f"the request body is not valid JSON ({detail})", param="body")
+    messages = []
+    for error in errors:
+        param = _param(error.get("loc", ()))
+        kind = error.get("type")
+        if kind == "extra_forbidden":
+            messages.append(f"{param}: unknown field")
+        elif kind == "missing" and param == "body":
+            messages.append("a JSON object body is required")
+        elif param == "body" and kind in ("model_attributes_type", "dict_type"):
+            messages.append("the request body must be a JSON object")
+        else:
+            message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+            messages.append(f"{param}: {message}")
+    first = _param(errors[0].get("loc", ())) if errors else None
+    return InvalidInput("; ".join(messages) or "invalid request", param=first)
+
+
+def as_service_error(exc: BaseException) -> ServiceError | None:
+    """The known HTTP answer for `exc`, or None when it is a bug."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return InvalidInput(str(exc))
+    if isinstance(exc, RequestValidationError):
+        return _from_validation(exc)
+    if isinstance(exc, StarletteHTTPException):
+        return _HttpError(exc.status_code, str(exc.detail), exc.headers)
+    return None
+
+
+def error_response(exc: BaseException, metrics: ServiceMetrics | None) -> JSONResponse:
+    """The only exception-to-HTTP mapping; unexpected errors are logged with traceback and get a plain 500."""
+    error = as_service_error(exc)
+    if error is None:
+        logger.error("unhandled error while serving a request", exc_info=exc)
+        error = ServiceError("internal server error")
+    if error.reason is not None and metrics is not None:
+        metrics.rejected.labels(reason=error.reason).inc()
+    body = {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.reason,
+        }
+    }
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)

@@ -1,0 +1,185 @@
+"""One generation request's path, shared by both routes: check limits, queue, wait, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.types import Message
+
+from engine.types import GenerationRequest, ModelInfo
+from service.batcher import ItemResult
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
+from service.images import OutputFormat, encode_image
+from service.settings import PromptPolicy, Settings
+from service.state import ServiceState
+
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+_SEED_SPACE = 2**32
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request, whichever route it came from."""
+
+    prompt: str
+    n: int
+    width: int
+    height: int
+    seed: int
+    output_format: OutputFormat
+    quality: int | None = None
+
+
+@dataclass
+class EncodedImage:
+    data: bytes  # the encoded file, or its base64 when the answer is JSON
+    seed: int
+
+
+@dataclass
+class JobOutput:
+    images: list[EncodedImage]
+    timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    def server_timing(self) -> str:
+        """The `Server-Timing` header: the same timings in milliseconds, readable in browser dev tools."""
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in self.timings.items())
+
+
+def parse_size(size: str | None, width: int | None, height: int | None, info: ModelInfo) -> tuple[int, int]:
+    if width is not None and height is not None:
+        return width, height
+    if size is None or size.strip().lower() == "auto":
+        return info.default_size, info.default_size
+    match = _SIZE.match(size)
+    if match is None:
+        raise InvalidInput(f"size '{size}' is not WIDTHxHEIGHT in pixels, e.g. '512x512'", param="size")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_limits(settings: Settings, prompt: str, n: int, width: int, height: int) -> None:
+    """The limits that protect the device, from settings; the model's own rules come from validate()."""
+    if n > settings.max_n:
+        raise InvalidInput(
+            f"n is {n}; this server makes at most {settings.max_n} images per request", param="n"
+        )
+    for name, value in (("width", width), ("height", height)):
+        if not settings.min_size <= value <= settings.max_size:
+            raise InvalidInput(
+                f"{name} is {value} px; this server accepts {settings.min_size} to {settings.max_size} px",
+                param="size",
+            )
+    if len(prompt) > settings.max_prompt_chars:
+        raise InvalidInput(
+            f"the prompt is {len(prompt)} characters; this server accepts at most {settings.max_prompt_chars}",
+            param="prompt",
+        )
+
+
+def prompt_warnings(state: ServiceState, prompt: str, info: ModelInfo, tokens: int) -> list[str]:
+    """Apply the prompt policy: a warning when truncating, 422 when refusing."""
+    window = info.max_prompt_tokens
+    if tokens <= window:
+        return []
+    message = (
+        f"the prompt is {tokens} tokens; the text encoder reads {window} including its start and end "
+        f"tokens, so the last {tokens - window} tokens were ignored"
+    )
+    if state.settings.prompt_policy is PromptPolicy.REJECT:
+        raise InvalidInput(message.replace("were ignored", "would be ignored; shorten it"), param="prompt")
+    state.metrics.prompts_truncated.inc()
+    return [message]
+
+
+def random_seed() -> int:
+    return secrets.randbelow(_SEED_SPACE)
+
+
+async def run_job(
+    state: ServiceState, job: Job, receive: Callable[[], Awaitable[Message]], b64: bool
+) -> JobOutput:
+    """Validate against the model, queue, wait for the images (or a disconnect or the deadline), encode."""
+    started = time.perf_counter()
+    pipeline = state.require_pipeline()
+    info = pipeline.info
+    check_limits(state.settings, job.prompt, job.n, job.width, job.height)
+    requests = [
+        GenerationRequest(job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height)
+        for i in range(job.n)
+    ]
+    for request in requests:
+        pipeline.validate(request)
+    warnings = prompt_warnings(state, job.prompt, info, pipeline.count_tokens(job.prompt))
+
+    timeout = state.settings.request_timeout_s
+    deadline = time.monotonic() + timeout
+    process = state.batcher.process(requests[0].shape_key, requests, deadline)
+    results = await _unless_gone(process, receive, timeout)
+
+    encode_started = time.perf_counter()
+    pixels = [image for result in results for image in result.images]
+    encoded = await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64)) for p in pixels))
+    encode_s = time.perf_counter() - encode_started
+    for _data, seconds in encoded:
+        state.metrics.stage_duration.labels(stage="image_encode").observe(seconds)
+
+    images = [EncodedImage(data, image.seed) for (data, _s), image in zip(encoded, pixels, strict=True)]
+    timings = _timings(results, encode_s, time.perf_counter() - started)
+    return JobOutput(images, timings, warnings)
+
+
+def _encoder(pixels: Any, job: Job, b64: bool) -> Callable[[], tuple[bytes, float]]:
+    def encode() -> tuple[bytes, float]:
+        started = time.perf_counter()
+        data = encode_image(pixels, job.output_format, job.quality)
+        if b64:
+            data = base64.b64encode(data)
+        return data, time.perf_counter() - started
+
+    return encode
+
+
+def _timings(results: list[ItemResult], encode_s: float, total_s: float) -> dict[str, float]:
+    timings = {"queue_wait": max(result.queue_wait_s for result in results)}
+    for stage in ("text_encode", "denoise", "vae_decode"):
+        timings[stage] = sum(result.timings.get(stage, 0.0) for result in results)
+    timings["image_encode"] = encode_s
+    timings["total"] = total_s
+    return timings
+
+
+async def _unless_gone(
+    work: Coroutine[Any, Any, T], receive: Callable[[], Awaitable[Message]], timeout: float
+) -> T:
+    """Await `work`; cancel it (so its queued items are skipped) if the client disconnects or time runs out."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _pending = await asyncio.wait(
+            {task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    if watcher in done:
+        watcher.exception()  # retrieved, so asyncio does not log it; either way the client is gone
+        raise ClientDisconnected("the client disconnected before its images were made")
+    raise DeadlineExceeded(f"the request timed out after {timeout:g} s")
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:
+    """Returns when the client goes away; the request body has already been read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,88 @@
+"""Prometheus metrics, one registry per app so tests can build many apps in one process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REJECT_REASONS = ("queue_full", "timeout", "invalid", "unauthorized", "cancelled", "not_ready")
+STAGES = ("text_encode", "denoise", "vae_decode", "image_encode")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServiceMetrics:
+    """Every metric the service exports; names are part of the deployment contract (dashboards, alerts)."""
+
+    def __init__(self, max_batch_size: int):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "tiue_request_duration_seconds",
+            "Time from the request's arrival to its answer, by route and HTTP status.",
+            ["route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "tiue_queue_wait_seconds",
+            "Time a request waited in the queue before its batch went to the device.",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tiue_batch_size_images",
+            "Images per engine call.",
+            buckets=tuple(float(b) for b in _batch_buckets(max_batch_size)),
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "tiue_stage_duration_seconds",
+            "Device stages once per batch; image_encode once per image.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("tiue_queue_depth", "Images waiting for the device.", registry=r)
+        self.in_flight = Gauge(
+            "tiue_in_flight_requests",
+            "Generation requests being handled (queued, running or encoding).",
+            registry=r,
+        )
+        self.images_generated = Counter("tiue_images_generated", "Images the engine produced.", registry=r)
+        self.rejected = Counter(
+            "tiue_requests_rejected", "Requests answered without images, by reason.", ["reason"], registry=r
+        )
+        self.prompts_truncated = Counter(
+            "tiue_prompts_truncated", "Prompts longer than the text encoder's window, cut to fit.", registry=r
+        )
+        self.model_info = Gauge(
+            "tiue_model_info",
+            "The loaded model; always 1.",
+            ["model", "backend", "dtype", "device"],
+            registry=r,
+        )
+        self.ready = Gauge("tiue_ready", "1 when the model is loaded, warmed and taking work.", registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+
+    def track_queue_depth(self, depth: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _batch_buckets(max_batch_size: int) -> list[int]:
+    """Every size up to 16, then powers of two, so the histogram shows the exact size of small batches."""
+    sizes = list(range(1, min(max_batch_size, 16) + 1))
+    size = 32
+    while sizes[-1] < max_batch_size:
+        sizes.append(min(size, max_batch_size))
+        size *= 2
+    return sizes

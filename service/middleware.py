@@ -1,0 +1,94 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, so disconnects and cancellation pass through untouched)."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge, error_response
+from service.metrics import ServiceMetrics
+
+
+class RequestMetricsMiddleware:
+    """Times every HTTP request by route and status, and answers a plain 500 for anything unhandled."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: frozenset[str]):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes  # known paths; anything else is labelled "other" to bound cardinality
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 499  # nginx's "client closed request": what we record if no answer was started
+        response_started = False
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except Exception as exc:
+            if response_started:
+                raise
+            await error_response(exc, self.metrics)(scope, receive, send_and_record)
+        finally:
+            route = scope["path"] if scope["path"] in self.routes else "other"
+            self.metrics.request_duration.labels(route=route, status=str(status)).observe(
+                time.perf_counter() - started
+            )
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`, whether announced by Content-Length or streamed; never buffers more."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_bytes: int):
+        self.app = app
+        self.metrics = metrics
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes", param="body")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await error_response(too_large, self.metrics)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await error_response(too_large, self.metrics)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body as one message, then the real receive (which later reports the client's disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,1 @@
+"""HTTP routes: health and metrics (open), image generation (behind the optional API key)."""

@@ -1,0 +1,124 @@
+"""`POST /generate` (this server's API) and `POST /v1/images/generations` (OpenAI's)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from service.auth import require_api_key
+from service.errors import NotAcceptable, UnsupportedMediaType
+from service.generation import Job, JobOutput, parse_size, random_seed, run_job
+from service.images import MEDIA_TYPES, OutputFormat, negotiate
+from service.schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ImageData,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    Timings,
+)
+from service.state import ServiceState
+
+
+async def require_json(request: Request) -> None:
+    """415 for a body that is not declared JSON (curl -d sends a form unless told otherwise)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"the body must be JSON, sent with 'Content-Type: application/json' (got '{media or 'none'}')"
+        )
+
+
+router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key), Depends(require_json)])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 406, 413, 415, 422, 429, 500, 503, 504)
+}
+_IMAGE_CONTENT = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
+
+
+def _headers(output: JobOutput) -> dict[str, str]:
+    headers = {"Server-Timing": output.server_timing()}
+    if output.warnings:
+        headers["X-Warning"] = " | ".join(output.warnings)
+    return headers
+
+
+def _data(output: JobOutput) -> list[ImageData]:
+    return [ImageData(b64_json=image.data.decode("ascii"), seed=image.seed) for image in output.images]
+
+
+@router.post(
+    "/generate",
+    summary="Generate images; JSON with base64 images, or raw bytes for `Accept: image/*` and n = 1",
+    response_model=None,
+    responses={200: {"model": GenerateResponse, "content": _IMAGE_CONTENT}, **_ERRORS},
+)
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    state: ServiceState = request.app.state.tiue
+    with state.request_scope():
+        info = state.require_pipeline().info
+        preference = negotiate(request.headers.get("accept"))
+        output_format: OutputFormat = body.output_format
+        if preference.raw:
+            if body.n != 1:
+                raise NotAcceptable(
+                    f"Accept asks for raw image bytes, which carry one image, but n is {body.n}; "
+                    "ask for application/json",
+                    param="n",
+                )
+            if preference.output_format is not None:
+                if "output_format" in body.model_fields_set and preference.output_format != output_format:
+                    raise NotAcceptable(
+                        f"Accept asks for image/{preference.output_format} but output_format is {output_format}",
+                        param="output_format",
+                    )
+                output_format = preference.output_format
+        width, height = parse_size(body.size, body.width, body.height, info)
+        seed = random_seed() if body.seed is None else body.seed
+        job = Job(body.prompt, body.n, width, height, seed, output_format, body.output_compression)
+        output = await run_job(state, job, request.receive, b64=not preference.raw)
+
+    headers = _headers(output)
+    if preference.raw:
+        image = output.images[0]
+        headers["X-Seed"] = str(image.seed)
+        return Response(image.data, media_type=MEDIA_TYPES[output_format], headers=headers)
+    response = GenerateResponse(
+        created=int(time.time()),
+        model=info.name,
+        size=f"{width}x{height}",
+        output_format=job.output_format,
+        data=_data(output),
+        timings=Timings(**output.timings),
+        warnings=output.warnings,
+    )
+    return Response(response.model_dump_json(), media_type="application/json", headers=headers)
+
+
+@router.post(
+    "/v1/images/generations",
+    summary="OpenAI-compatible image generation (response_format b64_json)",
+    response_model=None,
+    responses={200: {"model": OpenAIImagesResponse}, **_ERRORS},
+)
+async def openai_generations(body: OpenAIImageRequest, request: Request) -> Response:
+    state: ServiceState = request.app.state.tiue
+    with state.request_scope():
+        info = state.require_pipeline().info
+        width, height = parse_size(body.size, None, None, info)
+        seed = random_seed() if body.seed is None else body.seed
+        output_format: OutputFormat = body.output_format or "png"
+        job = Job(body.prompt, body.n or 1, width, height, seed, output_format, body.output_compression)
+        output = await run_job(state, job, request.receive, b64=True)
+    response = OpenAIImagesResponse(
+        created=int(time.time()),
+        data=_data(output),
+        size=f"{width}x{height}",
+        output_format=output_format,
+    )
+    return Response(response.model_dump_json(), media_type="application/json", headers=_headers(output))

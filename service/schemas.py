@@ -1,0 +1,127 @@
+"""Request and response bodies. Types are strict (no "2" for 2); limits that come from settings are
+checked in `service.generation`, before anything is queued."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from service.images import OutputFormat
+
+Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+Compression = Annotated[StrictInt, Field(ge=0, le=100)]
+
+
+def _non_empty_prompt(value: str) -> str:
+    if not value.strip():
+        raise ValueError("the prompt is empty; describe the image to generate")
+    return value
+
+
+class GenerateRequest(BaseModel):
+    """`POST /generate`. Unknown fields are refused, so a misspelt `sede` does not pass silently."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "a red circle on a blue square", "n": 2, "seed": 7}]},
+    )
+
+    prompt: StrictStr
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    size: StrictStr | None = Field(
+        default=None, description='"WIDTHxHEIGHT" in pixels; or give width and height'
+    )
+    width: Annotated[StrictInt, Field(ge=1)] | None = None
+    height: Annotated[StrictInt, Field(ge=1)] | None = None
+    seed: Seed | None = Field(
+        default=None, description="image i gets seed + i (mod 2**32); random when absent"
+    )
+    output_format: OutputFormat = "png"
+    output_compression: Compression | None = Field(
+        default=None, description="jpeg/webp quality, 0-100 (default 90)"
+    )
+
+    _prompt = field_validator("prompt")(_non_empty_prompt)
+
+    @model_validator(mode="after")
+    def _one_way_to_give_size(self) -> GenerateRequest:
+        if self.size is not None and (self.width is not None or self.height is not None):
+            raise ValueError("give either size or width and height, not both")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither")
+        return self
+
+
+class OpenAIImageRequest(BaseModel):
+    """`POST /v1/images/generations`, OpenAI's images API. Fields this server does not use are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr
+    n: Annotated[StrictInt, Field(ge=1)] | None = 1
+    size: StrictStr | None = Field(
+        default=None, description='"WIDTHxHEIGHT" or "auto" (the model\'s default size)'
+    )
+    response_format: StrictStr | None = "b64_json"
+    output_format: OutputFormat | None = None
+    output_compression: Compression | None = None
+    background: Literal["auto", "opaque"] | None = None
+    model: StrictStr | None = Field(default=None, description="ignored: this server serves one model")
+    quality: StrictStr | None = Field(default=None, description="ignored")
+    style: StrictStr | None = Field(default=None, description="ignored")
+    user: StrictStr | None = Field(default=None, description="ignored")
+    seed: Seed | None = Field(default=None, description="extension: image i gets seed + i (mod 2**32)")
+
+    _prompt = field_validator("prompt")(_non_empty_prompt)
+
+    @field_validator("response_format")
+    @classmethod
+    def _b64_only(cls, value: str | None) -> str | None:
+        if value not in (None, "b64_json"):
+            raise ValueError(f"'{value}' is not supported: this server returns images inline; use 'b64_json'")
+        return value
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+
+
+class Timings(BaseModel):
+    """Seconds. Device stages are for the whole batch the request rode in (summed if it needed several)."""
+
+    queue_wait: float
+    text_encode: float
+    denoise: float
+    vae_decode: float
+    image_encode: float
+    total: float
+
+
+class GenerateResponse(BaseModel):
+    created: int
+    model: str
+    size: str
+    output_format: OutputFormat
+    data: list[ImageData]
+    timings: Timings
+    warnings: list[str] = Field(default_factory=list)
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    size: str
+    output_format: OutputFormat
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,144 @@
+"""The device worker with a fake engine: fan-out, the result-count check, failures, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+from fakes import FakeEngine
+
+from engine.types import BatchResult, GenerationRequest
+from service.batcher import MicroBatcher
+from service.errors import BatchFailed, ShuttingDown
+from service.metrics import ServiceMetrics
+from service.worker import DeviceWorker
+
+SIZE = (64, 64)
+
+
+def reqs(n: int, seed: int = 0) -> list[GenerationRequest]:
+    return [GenerationRequest("p", seed + i, *SIZE) for i in range(n)]
+
+
+def deadline() -> float:
+    return time.monotonic() + 60
+
+
+def setup(engine: FakeEngine, max_batch: int = 4, wait_s: float = 0.0) -> tuple[MicroBatcher, DeviceWorker]:
+    batcher = MicroBatcher(max_batch_images=max_batch, max_wait_s=wait_s, capacity_images=64)
+    worker = DeviceWorker(batcher, ServiceMetrics(max_batch))
+    worker.start(engine)
+    return batcher, worker
+
+
+async def test_results_reach_the_right_futures_in_order(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    batcher, worker = setup(engine, wait_s=10.0)
+    futures = batcher.submit(SIZE, reqs(1, seed=0), deadline()) + batcher.submit(
+        SIZE, reqs(3, seed=10), deadline()
+    )
+    assert [r.seed for r in await engine.wait_entered()] == [0, 10, 11, 12]  # one batch of 4
+    engine.gate.set()
+    first, second = await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert [image.seed for image in first.images] == [0]
+    assert [image.seed for image in second.images] == [10, 11, 12]
+    assert first.batch_id == second.batch_id and first.batch_images == 4
+    await worker.stop(5)
+
+
+async def test_a_failing_batch_fails_all_its_requests_and_only_them(caplog: pytest.LogCaptureFixture) -> None:
+    engine = FakeEngine(fail=lambda batch: batch[0].seed == 666)
+    engine.gate.clear()
+    batcher, worker = setup(engine, max_batch=3, wait_s=10.0)
+    doomed = [batcher.submit(SIZE, reqs(1, seed=666 + i), deadline())[0] for i in range(3)]
+    await engine.wait_entered()
+    survivor = batcher.submit(SIZE, reqs(1, seed=1), deadline())[0]
+    with caplog.at_level(logging.ERROR, logger="service.worker"):
+        engine.gate.set()
+        outcomes = await asyncio.gather(*doomed, return_exceptions=True)
+    assert all(isinstance(outcome, BatchFailed) for outcome in outcomes)
+    assert "the fake device caught fire" in caplog.text  # logged once, with its traceback
+    batcher.close()  # flush the survivor without waiting for its batch to fill
+    result = await asyncio.wait_for(survivor, 5)
+    assert [image.seed for image in result.images] == [1]
+    await worker.stop(5)
+
+
+class ShortEngine(FakeEngine):
+    """Returns one image too few: the worker must notice instead of handing out misaligned images."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> BatchResult:
+        result = super().generate(requests)
+        return BatchResult(result.images[:-1], result.timings)
+
+
+async def test_result_count_is_checked(caplog: pytest.LogCaptureFixture) -> None:
+    batcher, worker = setup(ShortEngine(), max_batch=2, wait_s=10.0)
+    with caplog.at_level(logging.ERROR, logger="service.worker"):
+        futures = batcher.submit(SIZE, reqs(2), deadline())
+        with pytest.raises(BatchFailed):
+            await asyncio.wait_for(futures[0], 5)
+    assert "returned 1 images for 2 requests" in caplog.text
+    await worker.stop(5)
+
+
+async def test_a_result_for_a_request_cancelled_during_its_batch_is_dropped(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    batcher, worker = setup(engine, max_batch=2, wait_s=10.0)
+    gone, kept = batcher.submit(SIZE, reqs(1, seed=0), deadline()) + batcher.submit(
+        SIZE, reqs(1, seed=1), deadline()
+    )
+    await engine.wait_entered()
+    gone.cancel()
+    engine.gate.set()
+    result = await asyncio.wait_for(kept, 5)
+    assert [image.seed for image in result.images] == [1]
+    await worker.stop(5)
+
+
+async def test_stop_finishes_queued_work_within_the_grace_period(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    batcher, worker = setup(engine, max_batch=1)
+    futures = [batcher.submit(SIZE, reqs(1, seed=i), deadline())[0] for i in range(3)]
+    await engine.wait_entered()
+    stopping = asyncio.create_task(worker.stop(10))
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDown):
+        batcher.submit(SIZE, reqs(1), deadline())  # closed at once
+    engine.gate.set()
+    await asyncio.wait_for(stopping, 5)
+    assert [(await f).images[0].seed for f in futures] == [0, 1, 2]
+
+
+async def test_stop_fails_what_is_left_when_the_grace_period_ends(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    batcher, worker = setup(engine, max_batch=1)
+    running, queued = (batcher.submit(SIZE, reqs(1, seed=i), deadline())[0] for i in range(2))
+    await engine.wait_entered()
+    started = time.monotonic()
+    await asyncio.wait_for(worker.stop(0.1), 5)
+    assert time.monotonic() - started < 2
+    for future in (running, queued):
+        with pytest.raises(ShuttingDown):
+            future.result()
+    engine.gate.set()
+    assert len(engine.batches) == 1  # the queued request never reached the device
+
+
+async def test_the_device_is_only_touched_from_one_thread() -> None:
+    threads: set[int] = set()
+
+    class ThreadRecorder(FakeEngine):
+        def generate(self, requests: Sequence[GenerationRequest]) -> BatchResult:
+            threads.add(threading.get_ident())
+            return super().generate(requests)
+
+    batcher, worker = setup(ThreadRecorder(), max_batch=1)
+    futures = [batcher.submit(SIZE, reqs(1, seed=i), deadline())[0] for i in range(4)]
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    await worker.stop(5)
