@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 class Precision(str, Enum):
@@ -16,6 +18,8 @@ class Precision(str, Enum):
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch  # deferred so that CLI parsing does not import torch
+
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
 
 
