@@ -1,0 +1,153 @@
+"""`tiue export` and `tiue build-engines`: make the compiled artefacts ahead of time (a Kubernetes Job
+or init container), into the folder the service then reads as its engine_dir.
+
+Register with `add_export_parser(subparsers)` / `add_build_engines_parser(subparsers)`; each sets
+`func`, which takes the parsed namespace and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError
+from engine.export.cache import ArtefactStore, Entry, engine_store, model_content_hash
+from engine.export.onnx_export import EXPORT_PRECISIONS, export_onnx_entry
+from engine.export.profiles import ModelDims, Range, profiles_from_specs
+from engine.loading import Components, load_components
+from engine.types import Precision
+
+log = logging.getLogger(__name__)
+
+_PRECISIONS = [p.value for p in EXPORT_PRECISIONS]
+
+
+def _batch(text: str) -> Range:
+    try:
+        return Range.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(parser: argparse.ArgumentParser, precision: str, device: str) -> None:
+    parser.add_argument(
+        "--model", type=Path, default=None, help="diffusers pipeline folder (default: the embedded model)"
+    )
+    parser.add_argument("--precision", choices=_PRECISIONS, default=precision)
+    parser.add_argument(
+        "--batch", type=_batch, default=None, metavar="MIN:OPT:MAX", help="batch range (default 1:4:8)"
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="image sizes in pixels, one profile each: MIN:OPT:MAX for both sides, or W_RANGExH_RANGE "
+        "(e.g. 256:512:768 or 512x512:768:1024); default half to 1.5 times the native size",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=4, help="denoising steps baked into the graph (default 4)"
+    )
+    parser.add_argument("--device", default=device, help=f"device to trace on (default {device})")
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "export",
+        help="export the ONNX graphs (text encoder, TiUE denoiser, VAE decoder)",
+        description="Export the text encoder, the whole TiUE denoiser (one graph) and the VAE decoder to "
+        "ONNX with dynamic batch and size, into a cache entry under --out (use it as engine_dir).",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="engine folder to write the entry into")
+    _common(parser, "fp32", "cpu")
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def add_build_engines_parser(subparsers: Any) -> argparse.ArgumentParser:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "build-engines",
+        help="build the compiled artefacts the service loads (TensorRT engines or ONNX graphs)",
+        description="Export the ONNX graphs if needed and build TensorRT engines from them for this GPU and "
+        "TensorRT version, into --engine-dir; the service finds them there by their key.",
+    )
+    parser.add_argument("--engine-dir", type=Path, default=None, help="default: the cache root's engines/")
+    parser.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="tensorrt")
+    _common(parser, "fp16", default_device)
+    parser.set_defaults(func=run_build_engines)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[Components, Precision]:
+    precision = Precision(args.precision)
+    components = load_components(args.model, precision.torch_dtype, args.device, args.steps)
+    return components, precision
+
+
+def _report(entry: Entry, verb: str) -> None:
+    files = ", ".join(f"{name} ({meta['bytes'] / 1e6:.1f} MB)" for name, meta in entry.files.items())
+    profiles = "; ".join(
+        p.describe(int(entry.info.get("dims", {}).get("vae_scale", 8))) for p in entry.key.profiles
+    )
+    sys.stdout.write(f"{verb} {entry.path}\n  {files}\n  profiles: {profiles}\n")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        components, precision = _load(args)
+        profiles = profiles_from_specs(args.sizes, args.batch, ModelDims.from_components(components))
+        entry = export_onnx_entry(ArtefactStore(args.out), components, precision, profiles)
+    except (EngineError, ValueError) as exc:
+        sys.stderr.write(f"tiue export: {exc}\n")
+        return 2 if isinstance(exc, ValueError) else 1
+    _report(entry, "exported")
+    return 0
+
+
+def run_build_engines(args: argparse.Namespace) -> int:
+    from engine.export.tensorrt_build import build_tensorrt_entry, gpu_identity, import_tensorrt, is_rtx
+
+    try:
+        components, precision = _load(args)
+        profiles = profiles_from_specs(args.sizes, args.batch, ModelDims.from_components(components))
+        store = engine_store(args.engine_dir)
+        model_hash = model_content_hash(components.path)
+        onnx_entry = export_onnx_entry(store, components, precision, profiles, model_hash)
+        entry = onnx_entry
+        if args.backend == "tensorrt":
+            trt = import_tensorrt()
+            if torch.cuda.is_available():
+                gpu: tuple[str, str] | None = gpu_identity(
+                    args.device if args.device.startswith("cuda") else "cuda"
+                )
+            elif is_rtx(trt):
+                gpu = None
+                log.warning("no GPU: building TensorRT-RTX engines for no particular GPU")
+            else:
+                raise EngineError(
+                    "building TensorRT engines needs the GPU they will run on, and torch sees none"
+                )
+            entry = build_tensorrt_entry(store, components, onnx_entry, precision, profiles, trt, gpu)
+    except (EngineError, ValueError) as exc:
+        sys.stderr.write(f"tiue build-engines: {exc}\n")
+        return 2 if isinstance(exc, ValueError) else 1
+    _report(entry, "built")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.export {export,build-engines} ...`, for use before the service CLI has them."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m engine.export")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_export_parser(subparsers)
+    add_build_engines_parser(subparsers)
+    args = parser.parse_args(argv)
+    status: int = args.func(args)
+    return status

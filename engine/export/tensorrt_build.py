@@ -1,0 +1,236 @@
+"""TensorRT engines built from the ONNX graphs with the TensorRT Python API.
+
+`tensorrt` is the production library (data-center GPUs). `tensorrt_rtx` (TensorRT for RTX) has a
+near-identical builder API and builds without a GPU, which is how the test suite checks that our
+graphs parse and build here; which library built an engine is part of its cache key, so one is never
+loaded by the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import BackendUnavailableError, EngineError
+from engine.export.cache import (
+    ArtefactKey,
+    ArtefactStore,
+    Entry,
+    batch_acceptor,
+    engine_store,
+    find_or_build,
+    model_content_hash,
+    write_atomic,
+)
+from engine.export.contracts import CONTRACTS, ComponentContract
+from engine.export.onnx_export import ensure_onnx, onnx_key
+from engine.export.profiles import ModelDims, Profile, default_profiles
+from engine.loading import Components
+from engine.types import Precision
+
+log = logging.getLogger(__name__)
+
+TRT_MODULES = ("tensorrt", "tensorrt_rtx")
+
+
+class EngineBuildError(EngineError):
+    """TensorRT could not parse a graph or build an engine from it."""
+
+
+def import_tensorrt(allow_rtx: bool = True) -> ModuleType:
+    """`tensorrt`, else (when allowed) `tensorrt_rtx`; a clear error when neither is installed."""
+    import importlib
+
+    names = TRT_MODULES if allow_rtx else TRT_MODULES[:1]
+    errors = []
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise BackendUnavailableError(
+        "TensorRT is not installed (pip install 'tiue-serve[tensorrt]' on a machine with an NVIDIA GPU): "
+        + "; ".join(errors)
+    )
+
+
+def library(trt: ModuleType) -> tuple[str, str]:
+    return trt.__name__, str(trt.__version__)
+
+
+def is_rtx(trt: ModuleType) -> bool:
+    return trt.__name__ == "tensorrt_rtx"
+
+
+def gpu_identity(device: torch.device | str = "cuda") -> tuple[str, str]:
+    """(compute capability as 'sm_XY', the GPU's name) of a CUDA device."""
+    device = torch.device(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}", torch.cuda.get_device_name(device)
+
+
+def tensorrt_key(onnx: ArtefactKey, trt: ModuleType, compute_capability: str | None) -> ArtefactKey:
+    """An engine depends on everything its ONNX graphs do, plus the TensorRT build and the GPU."""
+    return dataclasses.replace(
+        onnx,
+        kind="tensorrt",
+        libraries=tuple(sorted((*onnx.libraries, library(trt)))),
+        compute_capability=compute_capability,
+    )
+
+
+def make_logger(trt: ModuleType) -> Any:
+    """A TensorRT logger that writes to Python logging instead of stderr."""
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+        trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING,
+        trt.ILogger.Severity.INFO: logging.DEBUG,
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+    }
+
+    class _Logger(trt.ILogger):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            log.log(levels.get(severity, logging.INFO), "TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def build_engine(
+    trt: ModuleType,
+    onnx_path: Path,
+    contract: ComponentContract,
+    dims: ModelDims,
+    profiles: tuple[Profile, ...],
+    precision: Precision,
+    timing_cache: bytes | None = None,
+) -> tuple[bytes, bytes | None]:
+    """Parse one graph and build its serialized engine, one optimization profile per range.
+
+    Returns the plan and the updated timing cache (None for TensorRT-RTX, where the cache is a no-op).
+    """
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if precision is Precision.FP16 and hasattr(trt.BuilderFlag, "FP16"):
+        config.set_flag(trt.BuilderFlag.FP16)  # TensorRT-RTX has no flag: its types come from the graph
+    cache = None
+    if not is_rtx(trt):
+        cache = config.create_timing_cache(timing_cache or b"")
+        if not config.set_timing_cache(cache, False):
+            log.warning("TensorRT refused the stored timing cache; starting a new one")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, False)
+    for profile in contract.distinct_profiles(profiles):
+        opt_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in contract.profile_shapes(dims, profile).items():
+            opt_profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(opt_profile)
+    started = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name}; its log says why")
+    log.info("built the %s engine in %.1fs", contract.name, time.perf_counter() - started)
+    new_cache = bytes(memoryview(config.get_timing_cache().serialize())) if cache is not None else None
+    return bytes(memoryview(plan)), new_cache
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def build_tensorrt_entry(
+    store: ArtefactStore,
+    components: Components,
+    onnx_entry: Entry,
+    precision: Precision,
+    profiles: tuple[Profile, ...],
+    trt: ModuleType,
+    gpu: tuple[str, str] | None,
+) -> Entry:
+    """Build the three engines into a new cache entry, reusing and updating the timing cache.
+
+    `gpu` is (compute capability, name) of the target GPU; None only for TensorRT-RTX builds without
+    one (tests), whose engines are compiled for the GPU when first loaded.
+    """
+    dims = ModelDims.from_components(components)
+    for p in profiles:
+        dims.check(p)
+    onnx_want = dataclasses.replace(onnx_entry.key, profiles=profiles)
+    key = tensorrt_key(onnx_want, trt, gpu[0] if gpu else None)
+    lib, version = library(trt)
+    timing_path = store.root / "timing" / f"{lib}-{version}-{_slug(gpu[1]) if gpu else 'nogpu'}.cache"
+
+    def write(tmp: Path) -> Iterator[tuple[str, Path]]:
+        cache = timing_path.read_bytes() if timing_path.is_file() else None
+        for contract in CONTRACTS.values():
+            plan, cache = build_engine(
+                trt, onnx_entry.file(contract.name), contract, dims, profiles, precision, cache
+            )
+            path = tmp / f"{contract.name}.plan"
+            path.write_bytes(plan)
+            yield contract.name, path
+        if cache:
+            write_atomic(timing_path, cache)
+
+    info = {
+        "model_name": components.name,
+        "model_path": str(components.path),
+        "onnx_entry": onnx_entry.path.name,
+        "dims": dataclasses.asdict(dims),
+        "gpu": gpu[1] if gpu else None,
+        "timing_cache": str(timing_path) if not is_rtx(trt) else None,
+    }
+    return store.create(key, write, info)
+
+
+def tensorrt_want(
+    components: Components,
+    config: EngineConfig,
+    trt: ModuleType,
+    compute_capability: str | None,
+    model_hash: str,
+) -> tuple[ArtefactKey, tuple[Profile, ...]]:
+    profiles = default_profiles(ModelDims.from_components(components), config.max_batch_size)
+    onnx = onnx_key(model_hash, components.chain.steps, config.precision, profiles)
+    return tensorrt_key(onnx, trt, compute_capability), profiles
+
+
+def ensure_tensorrt(
+    components: Components, config: EngineConfig, trt: ModuleType, gpu: tuple[str, str] | None
+) -> Entry:
+    """The engines for this model, precision, TensorRT and GPU: cached, built now if the config
+    allows, or an error naming what the cached ones were built for."""
+    store = engine_store(config.engine_dir)
+    model_hash = model_content_hash(components.path)
+    want, profiles = tensorrt_want(components, config, trt, gpu[0] if gpu else None, model_hash)
+
+    def build() -> Entry:
+        onnx_entry = ensure_onnx(components, dataclasses.replace(config, build_engines=True), model_hash)
+        return build_tensorrt_entry(store, components, onnx_entry, config.precision, profiles, trt, gpu)
+
+    hint = (
+        f"Build them ahead of time on a machine with this GPU and TensorRT with `tiue build-engines --model "
+        f"{components.path} --engine-dir {store.root} --precision {config.precision.value} "
+        f"--batch {profiles[0].batch}`, or set build_engines to build at load."
+    )
+    return find_or_build(
+        store, want, batch_acceptor(config.max_batch_size), build if config.build_engines else None, hint
+    )
