@@ -1,0 +1,62 @@
+"""Exported tiny models, made once per session through the real `tiue export` command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from engine.backends.torch_backend import TorchBackend
+from engine.config import EngineConfig
+from engine.export.cli import add_build_engines_parser, add_export_parser
+from engine.pipeline import TiUEPipeline, load_pipeline
+from engine.types import BackendName
+
+# Exported for batch 1..4 tuned at 2 and 32..96 px (latent 4..12); tests run other batches and sizes.
+EXPORT_ARGS = ["--batch", "1:2:4", "--sizes", "32:64:96"]
+MAX_BATCH = 4
+
+
+def cli(*argv: object) -> int:
+    """Run `tiue export|build-engines ...` as the service CLI will register them."""
+    parser = argparse.ArgumentParser(prog="tiue")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_export_parser(sub)
+    add_build_engines_parser(sub)
+    args = parser.parse_args([str(a) for a in argv])
+    status: int = args.func(args)
+    return status
+
+
+@pytest.fixture(scope="session")
+def engine_dir_any(tiny_model_dir_any: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 ONNX graphs of each tiny model shape, exported ahead of time as a deployment would."""
+    out = tmp_path_factory.mktemp("engines")
+    assert cli("export", "--model", tiny_model_dir_any, "--out", out, *EXPORT_ARGS) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_pipeline_any(tiny_model_dir_any: Path, engine_dir_any: Path) -> TiUEPipeline:
+    config = EngineConfig(
+        model_dir=tiny_model_dir_any,
+        backend=BackendName.ONNXRUNTIME,
+        engine_dir=engine_dir_any,
+        max_batch_size=MAX_BATCH,
+    )
+    return load_pipeline(config)
+
+
+@pytest.fixture(scope="session")
+def torch_backend_any(onnx_pipeline_any: TiUEPipeline) -> TorchBackend:
+    """The eager reference over the very same weights."""
+    return TorchBackend(onnx_pipeline_any.components, EngineConfig(max_batch_size=MAX_BATCH))
+
+
+@pytest.fixture(scope="session")
+def fp16_engine_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp16 ONNX graphs of the SD1.5-shaped tiny model (the precision TensorRT serves in)."""
+    out = tmp_path_factory.mktemp("engines-fp16")
+    assert cli("export", "--model", tiny_model_dir, "--out", out, "--precision", "fp16", *EXPORT_ARGS) == 0
+    return out
