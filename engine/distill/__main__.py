@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
         "--batch", type=int, default=None, help="batch size for this stage (default per stage)"
     )
     parser.add_argument("--n", type=int, default=None, help="vae: latents to cache; student regress: targets")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="student: stop (and export) after this long"
+    )
     parser.add_argument("--variant", default=None, help="student variant: vsd_kl, vsd, regress")
     parser.add_argument("--out", type=Path, default=None, help="ship: the pipeline folder to write")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ def _vae(a: argparse.Namespace) -> None:
 def _teacher(a: argparse.Namespace) -> None:
     from engine.distill.teacher import train_teacher
 
-    train_teacher(a.workdir, steps=a.steps or 9000, batch=a.batch or 64, seed=a.seed)
+    train_teacher(a.workdir, steps=a.steps or 8000, batch=a.batch or 32, seed=a.seed)
 
 
 def _judge(a: argparse.Namespace) -> None:
@@ -36,7 +36,13 @@ def _student(a: argparse.Namespace) -> None:
 
     for variant in [a.variant] if a.variant else VARIANTS:
         train_student(
-            a.workdir, variant, steps=a.steps or 1500, batch=a.batch or 32, seed=a.seed, n_targets=a.n or 4096
+            a.workdir,
+            variant,
+            steps=a.steps or 1500,
+            batch=a.batch or 32,
+            seed=a.seed,
+            n_targets=a.n or 4096,
+            minutes=a.minutes,
         )
 
 

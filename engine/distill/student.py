@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def train_student(
     fake_lr: float = 1e-3,
     ema_decay: float = 0.995,
     n_targets: int = 4096,
+    minutes: float | None = None,
 ) -> Path:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
@@ -135,7 +137,11 @@ def train_student(
     with torch.no_grad():
         uncond = encode(text_encoder, tokenizer, [""])
     bar = tqdm(total=steps, initial=step, desc=f"student[{variant}]")
+    deadline = time.monotonic() + 60 * minutes if minutes else None
     while step < steps:
+        if deadline is not None and time.monotonic() > deadline:
+            log.info("time budget of %.0f min reached at step %d", minutes, step)
+            break
         rng = np.random.default_rng([seed, 5, step])
         gen = torch.Generator().manual_seed(seed * 104_729 + step)
         if targets is not None:
@@ -169,7 +175,7 @@ def train_student(
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
-        if step % 100 == 0 or step == steps:
+        if step % 50 == 0 or step == steps or (deadline is not None and time.monotonic() > deadline):
             state = {
                 "student": student.state_dict(),
                 "ema": ema.state_dict(),

@@ -26,11 +26,11 @@ MIN_SNR_GAMMA = 5.0
 
 
 class LatentSet:
-    """The pre-encoded scenes: draws a fresh posterior sample (scaled like SD latents) per batch."""
+    """The pre-encoded scenes (jittered renders, so a caption has many latents), scaled like SD's."""
 
     def __init__(self, workdir: Path) -> None:
         d = torch.load(need(workdir / "latents.pt", "vae"), map_location="cpu")
-        self.mean, self.std, self.labels = d["mean"], d["std"], d["labels"].numpy()
+        self.mean, self.labels = d["mean"], d["labels"].numpy()
         self.scaling = float(d["scaling_factor"])
 
     def __len__(self) -> int:
@@ -40,7 +40,7 @@ class LatentSet:
         self, idx: np.ndarray, rng: np.random.Generator, dropout: float
     ) -> tuple[torch.Tensor, list[str]]:
         i = torch.from_numpy(idx)
-        z = (self.mean[i] + self.std[i] * torch.randn_like(self.mean[i])) * self.scaling
+        z = self.mean[i] * self.scaling
         prompts = [
             "" if rng.random() < dropout else training_caption(scene_from_labels(self.labels[k]), rng)
             for k in idx
