@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import uvicorn
 
+    from service.settings import Settings
+
 _SERVE_FLAGS = {  # flag -> Settings field; a flag given on the command line wins over TIUE_* variables
     "host": "host",
     "port": "port",
@@ -83,18 +85,24 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """TIUE_* environment variables, overridden by the flags given on the command line."""
+    from service.settings import Settings
+
+    overrides = {
+        field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items() if getattr(args, flag) is not None
+    }
+    return Settings(**overrides)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
     from service.app import create_app
-    from service.settings import Settings
 
-    overrides: dict[str, Any] = {
-        field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items() if getattr(args, flag) is not None
-    }
     try:
-        settings = Settings(**overrides)
+        settings = serve_settings(args)
     except ValidationError as exc:
         print(f"tiue serve: invalid settings\n{exc}", file=sys.stderr)
         return 2

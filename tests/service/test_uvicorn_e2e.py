@@ -1,0 +1,88 @@
+"""End to end over TCP: a real uvicorn on 127.0.0.1 serving the app with a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import httpx
+import numpy as np
+import uvicorn
+from fakes import FakeEngine, make_settings, pixel_value, wait_until
+from PIL import Image
+
+from service.app import create_app
+
+
+@asynccontextmanager
+async def uvicorn_serving(engine: FakeEngine, **settings: object) -> AsyncIterator[tuple[str, object]]:
+    app = create_app(make_settings(**settings), pipeline_factory=lambda: engine)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await wait_until(lambda: server.started or task.done(), timeout=10)
+        await asyncio.wait_for(app.state.tiue.ready.wait(), 10)
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        engine.gate.set()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+async def test_eight_concurrent_requests_come_back_right_and_in_batches(engine: FakeEngine) -> None:
+    # A batch closes when 4 images are in it, long before its 2 s window: two full batches, no timing luck.
+    async with (
+        uvicorn_serving(engine, max_batch_size=4, max_wait_ms=2000) as (url, _app),
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+    ):
+        responses = await asyncio.gather(
+            *(client.post("/generate", json={"prompt": f"image {i}", "seed": 100 + i}) for i in range(8))
+        )
+        metrics = (await client.get("/metrics")).text
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        (item,) = response.json()["data"]
+        assert item["seed"] == 100 + i
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+        assert (pixels == pixel_value(100 + i)).all()
+    assert metric(metrics, "tiue_batch_size_images_count") == 2
+    assert metric(metrics, "tiue_batch_size_images_sum") == 8
+    assert metric(metrics, 'tiue_batch_size_images_bucket{le="1.0"}') == 0  # no batch of one
+    assert metric(metrics, "tiue_images_generated_total") == 8
+    assert sorted(r.prompt for batch in engine.batches for r in batch) == sorted(
+        f"image {i}" for i in range(8)
+    )
+
+
+async def test_a_client_that_hangs_up_over_tcp_is_dropped(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    async with (
+        uvicorn_serving(engine, max_batch_size=1) as (url, app),
+        httpx.AsyncClient(base_url=url, timeout=10) as client,
+    ):
+        running = asyncio.create_task(client.post("/generate", json={"prompt": "a", "seed": 1}))
+        await engine.wait_entered()
+        async with httpx.AsyncClient(base_url=url, timeout=0.3) as impatient:
+            with suppress(httpx.ReadTimeout):  # the client gives up and closes its connection
+                await impatient.post("/generate", json={"prompt": "b", "seed": 2})
+        cancelled = app.state.tiue.metrics.rejected.labels(reason="cancelled")  # type: ignore[attr-defined]
+        await wait_until(lambda: cancelled._value.get() == 1)
+        assert app.state.tiue.batcher.pending_images == 0  # type: ignore[attr-defined]
+        engine.gate.set()
+        assert (await running).status_code == 200
+    assert [r.seed for batch in engine.batches for r in batch] == [1]
