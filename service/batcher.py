@@ -1,14 +1,18 @@
 """The micro-batcher: a bounded queue of pending work that hands the device worker one batch at a time.
 
 A batch holds items of one key (same output size), at most `max_batch_images` images, and closes
-when it is full or its oldest item has waited `max_wait_s`. Items whose future is done (the client
-went away) or whose deadline passed are dropped before they reach the device.
+when it is full or its oldest item has waited `max_wait_s` -- or at once when requests have lately
+been arriving further apart than `max_wait_s` (median of the last gaps): then company is unlikely
+to come within the window, and waiting would only add latency (a lone client would pay it on every
+request). Items whose future is done (the client went away) or whose deadline passed are dropped
+before they reach the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -18,6 +22,9 @@ from functools import partial
 
 from engine.types import GeneratedImage, GenerationRequest
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+
+_GAP_WINDOW = 16  # arrivals the early-close rule looks back on
+_GAP_MIN_SAMPLES = 8
 
 
 @dataclass
@@ -74,12 +81,16 @@ class MicroBatcher:
         max_batch_images: int,
         max_wait_s: float,
         capacity_images: int,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if max_batch_images < 1 or capacity_images < 1:
             raise ValueError("max_batch_images and capacity_images must be at least 1")
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
         self.capacity_images = capacity_images
+        self._clock = clock
+        self._gaps: deque[float] = deque(maxlen=_GAP_WINDOW)  # seconds between recent submissions
+        self._last_arrival: float | None = None
         self._images_per_s: float | None = None  # device throughput, smoothed; for Retry-After
         # asyncio.Queue bounds items; the bound that protects the device is in images, kept by submit().
         self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
@@ -124,7 +135,10 @@ class MicroBatcher:
                 retry_after_s=self.estimated_wait_s(),
             )
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        now = self._clock()
+        if self._last_arrival is not None:
+            self._gaps.append(now - self._last_arrival)
+        self._last_arrival = now
         futures: list[asyncio.Future[ItemResult]] = []
         for start in range(0, len(requests), self.max_batch_images):
             chunk = list(requests[start : start + self.max_batch_images])
@@ -150,7 +164,7 @@ class MicroBatcher:
         """The next batch to run; never empty. Raises BatcherClosed once closed and drained."""
         while True:
             self._move_queued_to_groups()
-            now = time.monotonic()
+            now = self._clock()
             self._prune(now)
             key = self._ready_key(now)
             if key is not None:
@@ -220,13 +234,18 @@ class MicroBatcher:
 
     def _ready_key(self, now: float) -> Hashable | None:
         """The ready group (full, waited long enough, or closing) whose oldest item is oldest."""
+        no_wait = self._closed or self._arrivals_sparse()
         best: tuple[float, Hashable] | None = None
         for key, group in self._groups.items():
             head = group[0].enqueued_at
             full = sum(item.images for item in group) >= self.max_batch_images
-            if (full or self._closed or now - head >= self.max_wait_s) and (best is None or head < best[0]):
+            if (full or no_wait or now - head >= self.max_wait_s) and (best is None or head < best[0]):
                 best = (head, key)
         return None if best is None else best[1]
+
+    def _arrivals_sparse(self) -> bool:
+        """Recent requests came further apart than the batching window (needs a few gaps to judge)."""
+        return len(self._gaps) >= _GAP_MIN_SAMPLES and statistics.median(self._gaps) > self.max_wait_s
 
     def _take(self, key: Hashable, now: float) -> Batch:
         """Oldest first; later items that still fit may join, so a large item never blocks small ones."""

@@ -60,6 +60,35 @@ async def test_batch_closes_when_oldest_item_waited_max_wait() -> None:
     assert time.monotonic() - started >= 0.05 - 1e-3
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def arrivals(gap_s: float, count: int = 9) -> MicroBatcher:
+    """A batcher that saw `count` single-image requests `gap_s` apart, by a clock that then stands still."""
+    clock = FakeClock()
+    b = MicroBatcher(max_batch_images=16, max_wait_s=10.0, capacity_images=64, clock=clock)
+    for seed in range(count):
+        if seed:
+            clock.now += gap_s
+        b.submit(SMALL, reqs(seed=seed), clock.now + FAR)
+    return b
+
+
+async def test_closes_at_once_when_requests_arrive_further_apart_than_the_window() -> None:
+    # Not full, and by the frozen clock the 10 s window never ends: only the sparse-arrival rule closes it.
+    assert (await next_batch(arrivals(gap_s=11.0))).images == 9
+
+
+async def test_waits_for_company_when_requests_arrive_close_together() -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(arrivals(gap_s=0.001).next_batch(), 0.05)
+
+
 async def test_items_arriving_during_the_wait_join_the_batch() -> None:
     b = batcher(max_batch=4, wait_s=FAR)
     submit(b, seed=0)
