@@ -186,6 +186,14 @@ def run_eval(workdir: Path) -> dict:
         "accuracy": accuracy(judge, real_images, [s.caption() for s in real_scenes]),
         "diversity": diversity(judge, real_groups(div_prompts, DIVERSITY_SEEDS)),
     }
+    with torch.no_grad():
+        recon = decode(
+            g.vae, g.vae.encode(to_unit(real_images)).latent_dist.mean * g.vae.config.scaling_factor
+        )
+    results["rows"]["real renders through the VAE (upper bound)"] = {
+        "accuracy": accuracy(judge, recon, [s.caption() for s in real_scenes]),
+        "diversity": {"pixel": float("nan"), "feature": float("nan")},
+    }
     for name, gen in tqdm(rows.items(), desc="eval"):
         images = gen(flat_prompts, flat_seeds)
         div_images = gen(div_flat, div_seeds)
@@ -208,8 +216,24 @@ def markdown_table(results: dict) -> str:
     lines = [head, "|" + "---|" * (len(cols) + 3)]
     for name, r in results["rows"].items():
         acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" for c in cols)
-        lines.append(f"| {name} | {acc} | {r['diversity']['pixel']:.3f} | {r['diversity']['feature']:.3f} |")
+        div = " | ".join(
+            "—" if np.isnan(v) else f"{v:.3f}" for v in (r["diversity"]["pixel"], r["diversity"]["feature"])
+        )
+        lines.append(f"| {name} | {acc} | {div} |")
     judge = ", ".join(f"{a} {100 * v:.1f}" for a, v in results["judge_heldout_real"].items())
     lines.append("")
     lines.append(f"Judge accuracy on held-out real renders: {judge}. Images per row: {results['n_images']}.")
     return "\n".join(lines) + "\n"
+
+
+def probe_teacher(workdir: Path, n: int = 64) -> dict[str, float]:
+    """Judge accuracy of the latest teacher checkpoint (25-step DDIM, CFG 4.5), to size training."""
+    from engine.distill.teacher import export_teacher
+
+    export_teacher(workdir)
+    judge = load_judge(need(workdir / "judge" / "judge.safetensors", "judge"))
+    prompts = eval_prompts(n)
+    images = Generators(workdir).teacher_ddim(25)(prompts, [1000] * n)
+    acc = accuracy(judge, images, prompts)
+    log.info("teacher probe: %s", acc)
+    return acc

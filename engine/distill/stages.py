@@ -15,7 +15,7 @@ def _data(a: argparse.Namespace) -> None:
 def _vae(a: argparse.Namespace) -> None:
     from engine.distill.vae import encode_cache, train_vae
 
-    train_vae(a.workdir, steps=a.steps or 800, batch=a.batch or 32, seed=a.seed)
+    train_vae(a.workdir, steps=a.steps or 1100, batch=a.batch or 32, seed=a.seed)
     encode_cache(a.workdir, n=a.n or 30_000, seed=a.seed)
 
 
@@ -41,7 +41,7 @@ def _student(a: argparse.Namespace) -> None:
             steps=a.steps or 1500,
             batch=a.batch or 32,
             seed=a.seed,
-            n_targets=a.n or 4096,
+            n_targets=a.n or 2048,
             minutes=a.minutes,
         )
 
@@ -50,6 +50,12 @@ def _eval(a: argparse.Namespace) -> None:
     from engine.distill.evaluate import run_eval
 
     run_eval(a.workdir)
+
+
+def _probe(a: argparse.Namespace) -> None:
+    from engine.distill.evaluate import probe_teacher
+
+    probe_teacher(a.workdir)
 
 
 def _ship(a: argparse.Namespace) -> None:
@@ -67,6 +73,7 @@ STAGES: dict[str, Callable[[argparse.Namespace], None]] = {
     "student": _student,
     "eval": _eval,
     "ship": _ship,
+    "probe": _probe,
 }
 ORDER = ("data", "vae", "judge", "teacher", "student", "eval", "ship")
 

@@ -112,7 +112,7 @@ def train_student(
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     ema = copy.deepcopy(student).requires_grad_(False)
     denoise = one_pass(student, sched.config, steps=4)
-    lr = lr if lr is not None else (1e-4 if variant == "regress" else 2e-5)
+    lr = lr if lr is not None else (1e-4 if variant == "regress" else 5e-5)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     fake: UNet2DConditionModel | None = None
     fake_opt = None

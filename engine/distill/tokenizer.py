@@ -14,7 +14,7 @@ from transformers import CLIPTokenizer
 from engine.distill.domain import WORDS
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 32
+MAX_LENGTH = 16  # the longest domain caption is 13 tokens with BOS/EOS
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def train_vae(
-    workdir: Path, steps: int, batch: int, seed: int, lr: float = 1e-3, kl_weight: float = 1e-6
+    workdir: Path, steps: int, batch: int, seed: int, lr: float = 2e-3, kl_weight: float = 1e-6
 ) -> Path:
     out = workdir / "vae"
     ckpt_path = out / "ckpt.pt"
