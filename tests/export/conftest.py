@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,33 @@ def cli(*argv: object) -> int:
 
 
 @pytest.fixture(scope="session")
+def tiue() -> Callable[..., int]:
+    """The CLI entry point: tiue("export", "--model", ...) -> exit status."""
+    return cli
+
+
+@pytest.fixture(scope="session")
+def export_args() -> list[str]:
+    return list(EXPORT_ARGS)
+
+
+def _ort_config(model: Path, engine_dir: Path, **kw: Any) -> EngineConfig:
+    return EngineConfig(
+        model_dir=model,
+        backend=BackendName.ONNXRUNTIME,
+        engine_dir=engine_dir,
+        max_batch_size=MAX_BATCH,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="session")
+def ort_config() -> Callable[..., EngineConfig]:
+    """An onnxruntime EngineConfig for a model and engine folder; keywords override."""
+    return _ort_config
+
+
+@pytest.fixture(scope="session")
 def engine_dir_any(tiny_model_dir_any: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 ONNX graphs of each tiny model shape, exported ahead of time as a deployment would."""
     out = tmp_path_factory.mktemp("engines")
@@ -39,13 +68,7 @@ def engine_dir_any(tiny_model_dir_any: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="session")
 def onnx_pipeline_any(tiny_model_dir_any: Path, engine_dir_any: Path) -> TiUEPipeline:
-    config = EngineConfig(
-        model_dir=tiny_model_dir_any,
-        backend=BackendName.ONNXRUNTIME,
-        engine_dir=engine_dir_any,
-        max_batch_size=MAX_BATCH,
-    )
-    return load_pipeline(config)
+    return load_pipeline(_ort_config(tiny_model_dir_any, engine_dir_any))
 
 
 @pytest.fixture(scope="session")
