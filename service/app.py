@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from engine.errors import EngineError
 from service.errors import ServiceError, error_response
-from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.middleware import BodyLimitMiddleware, InFlightMiddleware, RequestMetricsMiddleware
 from service.protocol import Pipeline, PipelineFactory
 from service.routes import health, images
 from service.settings import Settings
@@ -77,5 +77,7 @@ def create_app(
         getattr(route, "path", "") for router in (health.router, images.router) for route in router.routes
     )
     app.add_middleware(BodyLimitMiddleware, metrics=state.metrics, max_bytes=settings.max_body_bytes)
+    generation = frozenset(getattr(route, "path", "") for route in images.router.routes)
+    app.add_middleware(InFlightMiddleware, track=state.request_scope, paths=generation)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes)
     return app

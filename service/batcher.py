@@ -1,18 +1,22 @@
 """The micro-batcher: a bounded queue of pending work that hands the device worker one batch at a time.
 
 A batch holds items of one key (same output size), at most `max_batch_images` images, and closes
-when it is full or its oldest item has waited `max_wait_s` -- or at once when requests have lately
-been arriving further apart than `max_wait_s` (median of the last gaps): then company is unlikely
-to come within the window, and waiting would only add latency (a lone client would pay it on every
-request). Items whose future is done (the client went away) or whose deadline passed are dropped
-before they reach the device.
+- when it is full;
+- when its oldest item has waited `max_wait_s` counted from when the device was free to take it
+  (the window opens at `next_batch()`, as in Ray Serve): items that queued behind a running batch
+  still get a window for company, so closed-loop clients settle into full batches, not halves;
+- at once when every request the server is handling is already queued (`in_flight_requests`):
+  nothing else can join, and waiting would only add latency (a lone client would pay the window on
+  every request). This keeps the batcher work-conserving: the device never idles while work waits
+  and nothing more is known to be on its way; under load, batches still form behind a busy device.
+Items whose future is done (the client went away) or whose deadline passed are dropped before they
+reach the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -22,9 +26,6 @@ from functools import partial
 
 from engine.types import GeneratedImage, GenerationRequest
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
-
-_GAP_WINDOW = 16  # arrivals the early-close rule looks back on
-_GAP_MIN_SAMPLES = 8
 
 
 @dataclass
@@ -39,12 +40,20 @@ class ItemResult:
 
 
 @dataclass(eq=False)
+class _Ticket:
+    """One submitted request: queued while any of its items is."""
+
+    pending_items: int
+
+
+@dataclass(eq=False)
 class WorkItem:
     key: Hashable
     requests: Sequence[GenerationRequest]
     future: asyncio.Future[ItemResult]
     enqueued_at: float  # monotonic
     deadline: float  # monotonic
+    ticket: _Ticket = field(default_factory=lambda: _Ticket(1))
     released: bool = False  # no longer counted against the queue's capacity
 
     @property
@@ -81,21 +90,24 @@ class MicroBatcher:
         max_batch_images: int,
         max_wait_s: float,
         capacity_images: int,
+        in_flight_requests: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """`in_flight_requests`: requests the server is handling, queued or not; None disables the
+        early close. `clock` is for tests; deadlines passed to submit() must use it."""
         if max_batch_images < 1 or capacity_images < 1:
             raise ValueError("max_batch_images and capacity_images must be at least 1")
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
         self.capacity_images = capacity_images
         self._clock = clock
-        self._gaps: deque[float] = deque(maxlen=_GAP_WINDOW)  # seconds between recent submissions
-        self._last_arrival: float | None = None
+        self._in_flight_requests = in_flight_requests
         self._images_per_s: float | None = None  # device throughput, smoothed; for Retry-After
         # asyncio.Queue bounds items; the bound that protects the device is in images, kept by submit().
         self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
         self._groups: dict[Hashable, deque[WorkItem]] = {}
         self._pending_images = 0
+        self._pending_requests = 0
         self._closed = False
         self._batch_ids = itertools.count(1)
 
@@ -136,13 +148,12 @@ class MicroBatcher:
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
-        if self._last_arrival is not None:
-            self._gaps.append(now - self._last_arrival)
-        self._last_arrival = now
         futures: list[asyncio.Future[ItemResult]] = []
+        ticket = _Ticket(pending_items=-(-len(requests) // self.max_batch_images))
+        self._pending_requests += 1
         for start in range(0, len(requests), self.max_batch_images):
             chunk = list(requests[start : start + self.max_batch_images])
-            item = WorkItem(key, chunk, loop.create_future(), now, deadline)
+            item = WorkItem(key, chunk, loop.create_future(), now, deadline, ticket)
             self._pending_images += item.images
             item.future.add_done_callback(partial(self._on_done, item))
             self._queue.put_nowait(item)
@@ -162,11 +173,12 @@ class MicroBatcher:
 
     async def next_batch(self) -> Batch:
         """The next batch to run; never empty. Raises BatcherClosed once closed and drained."""
+        window_opens = self._clock()
         while True:
             self._move_queued_to_groups()
             now = self._clock()
             self._prune(now)
-            key = self._ready_key(now)
+            key = self._ready_key(now, window_opens)
             if key is not None:
                 return self._take(key, now)
             if not self._groups:
@@ -174,7 +186,8 @@ class MicroBatcher:
                     raise BatcherClosed
                 self._accept(await self._queue.get())
                 continue
-            timeout = min(group[0].enqueued_at for group in self._groups.values()) + self.max_wait_s - now
+            oldest = min(group[0].enqueued_at for group in self._groups.values())
+            timeout = max(oldest, window_opens) + self.max_wait_s - now
             with suppress(asyncio.TimeoutError):
                 self._accept(await asyncio.wait_for(self._queue.get(), max(timeout, 0.0)))
 
@@ -204,6 +217,9 @@ class MicroBatcher:
         if not item.released:
             item.released = True
             self._pending_images -= item.images
+            item.ticket.pending_items -= 1
+            if item.ticket.pending_items == 0:
+                self._pending_requests -= 1
 
     def _accept(self, item: WorkItem | None) -> None:
         if item is not None:
@@ -232,20 +248,20 @@ class MicroBatcher:
             else:
                 del self._groups[key]
 
-    def _ready_key(self, now: float) -> Hashable | None:
-        """The ready group (full, waited long enough, or closing) whose oldest item is oldest."""
-        no_wait = self._closed or self._arrivals_sparse()
+    def _ready_key(self, now: float, window_opens: float) -> Hashable | None:
+        """The ready group (full, window over, nothing else to wait for, or closing) with the oldest head."""
+        no_wait = self._closed or self._nothing_else_coming()
         best: tuple[float, Hashable] | None = None
         for key, group in self._groups.items():
             head = group[0].enqueued_at
             full = sum(item.images for item in group) >= self.max_batch_images
-            if (full or no_wait or now - head >= self.max_wait_s) and (best is None or head < best[0]):
+            waited = now - max(head, window_opens) >= self.max_wait_s
+            if (full or no_wait or waited) and (best is None or head < best[0]):
                 best = (head, key)
         return None if best is None else best[1]
 
-    def _arrivals_sparse(self) -> bool:
-        """Recent requests came further apart than the batching window (needs a few gaps to judge)."""
-        return len(self._gaps) >= _GAP_MIN_SAMPLES and statistics.median(self._gaps) > self.max_wait_s
+    def _nothing_else_coming(self) -> bool:
+        return self._in_flight_requests is not None and self._in_flight_requests() <= self._pending_requests
 
     def _take(self, key: Hashable, now: float) -> Batch:
         """Oldest first; later items that still fit may join, so a large item never blocks small ones."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,6 +46,27 @@ class RequestMetricsMiddleware:
             self.metrics.request_duration.labels(route=route, status=str(status)).observe(
                 time.perf_counter() - started
             )
+
+
+class InFlightMiddleware:
+    """Counts generation requests from their arrival (before the body is read) to their answer.
+
+    Counting this early lets the batcher see a burst that has arrived but not yet been parsed.
+    """
+
+    def __init__(
+        self, app: ASGIApp, track: Callable[[], AbstractContextManager[None]], paths: frozenset[str]
+    ):
+        self.app = app
+        self.track = track
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            with self.track():
+                await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -42,6 +42,7 @@ class ServiceState:
             max_batch_images=settings.max_batch_size,
             max_wait_s=settings.max_wait_s,
             capacity_images=settings.queue_size,
+            in_flight_requests=lambda: self._in_flight,
         )
         self.worker = DeviceWorker(self.batcher, self.metrics)
         self.metrics.track_queue_depth(lambda: self.batcher.pending_images)
@@ -68,7 +69,7 @@ class ServiceState:
 
     @contextmanager
     def request_scope(self) -> Iterator[None]:
-        """Counts a generation request from admission to answer, for the gauge and for draining."""
+        """A generation request from its arrival to its answer: for the gauge, the batcher, draining."""
         self._in_flight += 1
         self._idle.clear()
         self.metrics.in_flight.inc()

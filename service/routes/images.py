@@ -60,28 +60,27 @@ def _data(output: JobOutput) -> list[ImageData]:
 )
 async def generate(body: GenerateRequest, request: Request) -> Response:
     state: ServiceState = request.app.state.tiue
-    with state.request_scope():
-        info = state.require_pipeline().info
-        preference = negotiate(request.headers.get("accept"))
-        output_format: OutputFormat = body.output_format
-        if preference.raw:
-            if body.n != 1:
+    info = state.require_pipeline().info
+    preference = negotiate(request.headers.get("accept"))
+    output_format: OutputFormat = body.output_format
+    if preference.raw:
+        if body.n != 1:
+            raise NotAcceptable(
+                f"Accept asks for raw image bytes, which carry one image, but n is {body.n}; "
+                "ask for application/json",
+                param="n",
+            )
+        if preference.output_format is not None:
+            if "output_format" in body.model_fields_set and preference.output_format != output_format:
                 raise NotAcceptable(
-                    f"Accept asks for raw image bytes, which carry one image, but n is {body.n}; "
-                    "ask for application/json",
-                    param="n",
+                    f"Accept asks for image/{preference.output_format} but output_format is {output_format}",
+                    param="output_format",
                 )
-            if preference.output_format is not None:
-                if "output_format" in body.model_fields_set and preference.output_format != output_format:
-                    raise NotAcceptable(
-                        f"Accept asks for image/{preference.output_format} but output_format is {output_format}",
-                        param="output_format",
-                    )
-                output_format = preference.output_format
-        width, height = parse_size(body.size, body.width, body.height, info)
-        seed = random_seed() if body.seed is None else body.seed
-        job = Job(body.prompt, body.n, width, height, seed, output_format, body.output_compression)
-        output = await run_job(state, job, request.receive, b64=not preference.raw)
+            output_format = preference.output_format
+    width, height = parse_size(body.size, body.width, body.height, info)
+    seed = random_seed() if body.seed is None else body.seed
+    job = Job(body.prompt, body.n, width, height, seed, output_format, body.output_compression)
+    output = await run_job(state, job, request.receive, b64=not preference.raw)
 
     headers = _headers(output)
     if preference.raw:
@@ -108,13 +107,12 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 )
 async def openai_generations(body: OpenAIImageRequest, request: Request) -> Response:
     state: ServiceState = request.app.state.tiue
-    with state.request_scope():
-        info = state.require_pipeline().info
-        width, height = parse_size(body.size, None, None, info)
-        seed = random_seed() if body.seed is None else body.seed
-        output_format: OutputFormat = body.output_format or "png"
-        job = Job(body.prompt, body.n or 1, width, height, seed, output_format, body.output_compression)
-        output = await run_job(state, job, request.receive, b64=True)
+    info = state.require_pipeline().info
+    width, height = parse_size(body.size, None, None, info)
+    seed = random_seed() if body.seed is None else body.seed
+    output_format: OutputFormat = body.output_format or "png"
+    job = Job(body.prompt, body.n or 1, width, height, seed, output_format, body.output_compression)
+    output = await run_job(state, job, request.receive, b64=True)
     response = OpenAIImagesResponse(
         created=int(time.time()),
         data=_data(output),

@@ -68,25 +68,37 @@ class FakeClock:
         return self.now
 
 
-def arrivals(gap_s: float, count: int = 9) -> MicroBatcher:
-    """A batcher that saw `count` single-image requests `gap_s` apart, by a clock that then stands still."""
+async def test_window_opens_when_the_device_is_free_to_take_the_batch() -> None:
     clock = FakeClock()
-    b = MicroBatcher(max_batch_images=16, max_wait_s=10.0, capacity_images=64, clock=clock)
-    for seed in range(count):
-        if seed:
-            clock.now += gap_s
-        b.submit(SMALL, reqs(seed=seed), clock.now + FAR)
-    return b
-
-
-async def test_closes_at_once_when_requests_arrive_further_apart_than_the_window() -> None:
-    # Not full, and by the frozen clock the 10 s window never ends: only the sparse-arrival rule closes it.
-    assert (await next_batch(arrivals(gap_s=11.0))).images == 9
-
-
-async def test_waits_for_company_when_requests_arrive_close_together() -> None:
+    b = MicroBatcher(max_batch_images=4, max_wait_s=10.0, capacity_images=64, clock=clock)
+    b.submit(SMALL, reqs(), clock.now + FAR)
+    clock.now += 60.0  # queued behind a long batch: far past max_wait when next_batch() is called
     with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(arrivals(gap_s=0.001).next_batch(), 0.05)
+        await asyncio.wait_for(b.next_batch(), 0.05)  # the clock stands still: a fresh window, not over
+
+
+async def test_closes_at_once_when_every_request_in_flight_is_queued() -> None:
+    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, in_flight_requests=lambda: 2)
+    submit(b, seed=0)
+    submit(b, n=2, seed=10)
+    assert (await next_batch(b)).images == 3  # nobody else could join: no hour-long wait
+
+
+async def test_waits_while_more_requests_are_on_their_way() -> None:
+    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, in_flight_requests=lambda: 2)
+    submit(b, n=2)  # another request is being read, validated, encoded or sent: worth waiting for
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(b.next_batch(), 0.05)
+
+
+async def test_a_request_split_over_batches_counts_as_queued_until_its_last_item_is_taken() -> None:
+    b = MicroBatcher(max_batch_images=2, max_wait_s=FAR, capacity_images=64, in_flight_requests=lambda: 2)
+    submit(b, n=3, seed=0)  # items of 2 + 1
+    submit(b, seed=10)
+    first = await next_batch(b)  # full
+    assert first.images == 2
+    second = await next_batch(b)  # both requests still queued: nothing else coming, close at once
+    assert [r.seed for r in second.requests] == [2, 10]
 
 
 async def test_items_arriving_during_the_wait_join_the_batch() -> None:
