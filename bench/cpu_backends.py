@@ -1,0 +1,140 @@
+"""Eager torch vs ONNX Runtime on the CPU, for the whole pipeline (text encoder, TiUE denoiser, VAE).
+
+Two random-init models in SD layout: the test suite's tiny one (64 px) and a mid-size one (UNet
+channels 64/128/256, 128 px). Prints per-stage medians and the torch/ORT ratio (> 1: ORT is faster).
+
+    python bench/cpu_backends.py                      # both models, batch 1 and 4, 2 threads
+    python bench/cpu_backends.py --models mid --batches 1 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from transformers import CLIPTextConfig, CLIPTextModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.pipeline import TiUEPipeline, load_pipeline  # noqa: E402
+from engine.tiny_model import END, SD_SCHEDULER, START, build_tiny_pipeline, make_tokenizer, tiny_unet  # noqa: E402
+from engine.types import BackendName, GenerationRequest  # noqa: E402
+
+STAGES = ("text_encode", "denoise", "vae_decode")
+
+
+def build_mid_pipeline(out_dir: Path) -> Path:
+    """A ~20M-parameter UNet (64/128/256, SD1.5 layout), a 4-layer text encoder and a 3-level VAE."""
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.convert_tokens_to_ids(START),
+            eos_token_id=tokenizer.convert_tokens_to_ids(END),
+            pad_token_id=tokenizer.convert_tokens_to_ids(END),
+        )
+    )
+    unet = tiny_unet("sd15", cross_dim=256, channels=(64, 128, 256))
+    unet.register_to_config(sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=128,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def time_pipeline(pipeline: TiUEPipeline, batch: int, repeats: int) -> dict[str, float]:
+    """Median seconds per stage and in total over `repeats` runs, after one warm-up."""
+    size = pipeline.info.default_size
+    requests = [GenerationRequest("a red circle on a blue background", i, size, size) for i in range(batch)]
+    pipeline.generate(requests)
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        timings = pipeline.generate(requests).timings
+        runs.append({**timings, "total": time.perf_counter() - started})
+    return {k: statistics.median(r[k] for r in runs) for k in (*STAGES, "total")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="tiny,mid")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory(prefix="tiue-cpu-bench-") as tmp:
+        run(args.models.split(","), batches, args.repeats, args.threads, Path(tmp))
+
+
+def run(models: list[str], batches: list[int], repeats: int, threads: int, work: Path) -> None:
+    builders = {"tiny": lambda p: build_tiny_pipeline(p, "sd15"), "mid": build_mid_pipeline}
+    print(f"torch {torch.__version__}, {threads} threads; median of {repeats} runs; ms per batch")
+    print("| model | params (UNet) | px | batch | backend | text | denoise | vae | total | torch/ORT |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in models:
+        model_dir = builders[name](work / name)
+        pipelines = {
+            backend: load_pipeline(
+                EngineConfig(
+                    model_dir=model_dir,
+                    backend=backend,
+                    engine_dir=work / "engines",
+                    build_engines=True,
+                    max_batch_size=max(batches),
+                )
+            )
+            for backend in (BackendName.TORCH, BackendName.ONNXRUNTIME)
+        }
+        unet = pipelines[BackendName.TORCH].components.unet
+        params = sum(p.numel() for p in unet.parameters()) / 1e6
+        size = pipelines[BackendName.TORCH].info.default_size
+        for batch in batches:
+            results = {b: time_pipeline(p, batch, repeats) for b, p in pipelines.items()}
+            ratio = results[BackendName.TORCH]["total"] / results[BackendName.ONNXRUNTIME]["total"]
+            for backend, r in results.items():
+                cells = " | ".join(f"{r[k] * 1e3:.0f}" for k in (*STAGES, "total"))
+                last = f"{ratio:.2f}x" if backend is BackendName.ONNXRUNTIME else ""
+                print(f"| {name} | {params:.1f}M | {size} | {batch} | {backend.value} | {cells} | {last} |")
+
+
+if __name__ == "__main__":
+    main()
