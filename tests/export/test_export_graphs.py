@@ -184,3 +184,27 @@ def test_fp16_graphs_run_in_fp16(tiny_model_dir: Path, fp16_engine_dir: Path, or
     z_t = torch.randn(3, 4, 6, 10, generator=torch.Generator().manual_seed(0))
     got, want = pipeline.backend.denoise(z_t, states), reference.denoise(z_t, states)
     assert got.dtype == torch.float16 and float((got.float() - want.float()).abs().max()) < 0.05
+
+
+def test_graphs_over_two_gigabytes_keep_their_weights_in_one_file(tmp_path: Path) -> None:
+    """The exporter writes one file per weight past protobuf's limit; they are gathered into one."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from engine.export.onnx_export import _consolidate_external_data
+
+    weights = [numpy_helper.from_array(np.full((1024,), i, np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("Add", ["x", "w0"], ["a"]), helper.make_node("Add", ["a", "w1"], ["b"])]
+    nodes.append(helper.make_node("Add", ["b", "w2"], ["y"]))
+    io = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1024]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], weights))
+    path = tmp_path / "denoiser.onnx"
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+    )
+    assert len(list(tmp_path.iterdir())) == 4
+    _consolidate_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["denoiser.onnx", "denoiser.onnx.data"]
+    (y,) = ort.InferenceSession(str(path)).run(None, {"x": np.zeros(1024, np.float32)})
+    assert y.tolist() == [3.0] * 1024
