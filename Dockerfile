@@ -66,7 +66,7 @@ COPY pyproject.toml /src/
 RUN --mount=type=bind,from=wheels,target=/wheels \
     mkdir -p /src/engine /src/service \
     && touch /src/engine/__init__.py /src/service/__init__.py \
-    && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "/src[tensorrt,onnx]"
+    && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "/src[tensorrt,onnx-gpu]"
 COPY . /src
 RUN --mount=type=bind,from=wheels,target=/wheels \
     /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall /src

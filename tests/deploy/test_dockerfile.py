@@ -88,7 +88,7 @@ def test_base_images_and_torch_pin() -> None:
     cpu_build = "\n".join(stages()["cpu-build"])
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu_build
     assert "[onnx]" in cpu_build
-    assert "[tensorrt,onnx]" in "\n".join(stages()["gpu-build"])
+    assert "[tensorrt,onnx-gpu]" in "\n".join(stages()["gpu-build"]), "the CUDA provider on the GPU image"
 
 
 def test_dockerignore_is_an_allow_list() -> None:
