@@ -5,10 +5,10 @@ A batch holds items of one key (same output size), at most `max_batch_images` im
 - when its oldest item has waited `max_wait_s` counted from when the device was free to take it
   (the window opens at `next_batch()`, as in Ray Serve): items that queued behind a running batch
   still get a window for company, so closed-loop clients settle into full batches, not halves;
-- at once when every request the server is handling is already queued (`in_flight_requests`):
-  nothing else can join, and waiting would only add latency (a lone client would pay the window on
-  every request). This keeps the batcher work-conserving: the device never idles while work waits
-  and nothing more is known to be on its way; under load, batches still form behind a busy device.
+- at once when as many requests are queued as the server has lately had in flight at once
+  (`expected_requests`, the recent peak): nobody else is likely to join, and waiting would only
+  add latency -- a lone client would pay the window on every request. Four closed-loop clients
+  still get batches of four: the peak remembers the fourth while its answer travels.
 Items whose future is done (the client went away) or whose deadline passed are dropped before they
 reach the device.
 """
@@ -90,18 +90,18 @@ class MicroBatcher:
         max_batch_images: int,
         max_wait_s: float,
         capacity_images: int,
-        in_flight_requests: Callable[[], int] | None = None,
+        expected_requests: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """`in_flight_requests`: requests the server is handling, queued or not; None disables the
-        early close. `clock` is for tests; deadlines passed to submit() must use it."""
+        """`expected_requests`: how many requests could be waiting together (the recent peak of
+        requests in flight); None disables the early close. `clock` is for tests; deadlines passed to submit() must use it."""
         if max_batch_images < 1 or capacity_images < 1:
             raise ValueError("max_batch_images and capacity_images must be at least 1")
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
         self.capacity_images = capacity_images
         self._clock = clock
-        self._in_flight_requests = in_flight_requests
+        self._expected_requests = expected_requests
         self._images_per_s: float | None = None  # device throughput, smoothed; for Retry-After
         # asyncio.Queue bounds items; the bound that protects the device is in images, kept by submit().
         self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
@@ -250,7 +250,7 @@ class MicroBatcher:
 
     def _ready_key(self, now: float, window_opens: float) -> Hashable | None:
         """The ready group (full, window over, nothing else to wait for, or closing) with the oldest head."""
-        no_wait = self._closed or self._nothing_else_coming()
+        no_wait = self._closed or self._nobody_else_expected()
         best: tuple[float, Hashable] | None = None
         for key, group in self._groups.items():
             head = group[0].enqueued_at
@@ -260,8 +260,8 @@ class MicroBatcher:
                 best = (head, key)
         return None if best is None else best[1]
 
-    def _nothing_else_coming(self) -> bool:
-        return self._in_flight_requests is not None and self._in_flight_requests() <= self._pending_requests
+    def _nobody_else_expected(self) -> bool:
+        return self._expected_requests is not None and self._expected_requests() <= self._pending_requests
 
     def _take(self, key: Hashable, now: float) -> Batch:
         """Oldest first; later items that still fit may join, so a large item never blocks small ones."""

@@ -24,6 +24,44 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_PEAK_WINDOW_S = 5.0  # how long the batcher remembers that N requests were in flight at once
+
+
+class RecentPeak:
+    """Requests in flight now, and the most at once over the last one to two windows.
+
+    The batcher waits for company only when this many requests could be queued together.
+    """
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self.current = 0
+        self._peak = 0  # in the window that began at _since
+        self._previous_peak = 0  # in the window before it
+        self._since = clock()
+
+    def enter(self) -> None:
+        self._roll()
+        self.current += 1
+        self._peak = max(self._peak, self.current)
+
+    def leave(self) -> None:
+        self._roll()
+        self.current -= 1
+
+    def peak(self) -> int:
+        self._roll()
+        return max(self._peak, self._previous_peak)
+
+    def _roll(self) -> None:
+        elapsed = self._clock() - self._since
+        if elapsed >= self.window_s:
+            self._previous_peak = self._peak if elapsed < 2 * self.window_s else self.current
+            self._peak = self.current
+            self._since = self._clock()
+
+
 class Phase(str, Enum):
     LOADING = "loading"
     READY = "ready"
@@ -37,12 +75,13 @@ class ServiceState:
     def __init__(self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None):
         self.settings = settings
         self.metrics = ServiceMetrics(settings.max_batch_size)
+        self.in_flight = RecentPeak(window_s=_PEAK_WINDOW_S)
         self.api_keys = ApiKeys(key.get_secret_value() for key in settings.api_keys)
         self.batcher = MicroBatcher(
             max_batch_images=settings.max_batch_size,
             max_wait_s=settings.max_wait_s,
             capacity_images=settings.queue_size,
-            in_flight_requests=lambda: self._in_flight,
+            expected_requests=self.in_flight.peak,
         )
         self.worker = DeviceWorker(self.batcher, self.metrics)
         self.metrics.track_queue_depth(lambda: self.batcher.pending_images)
@@ -51,7 +90,6 @@ class ServiceState:
         self.pipeline: Pipeline | None = None
         self.ready = asyncio.Event()  # set once the model is loaded and warmed; tests wait on it
         self._drain_deadline: float | None = None
-        self._in_flight = 0
         self._idle = asyncio.Event()  # no generation request is being handled
         self._idle.set()
         self._on_fatal = on_fatal
@@ -70,15 +108,15 @@ class ServiceState:
     @contextmanager
     def request_scope(self) -> Iterator[None]:
         """A generation request from its arrival to its answer: for the gauge, the batcher, draining."""
-        self._in_flight += 1
+        self.in_flight.enter()
         self._idle.clear()
         self.metrics.in_flight.inc()
         try:
             yield
         finally:
-            self._in_flight -= 1
+            self.in_flight.leave()
             self.metrics.in_flight.dec()
-            if self._in_flight == 0:
+            if self.in_flight.current == 0:
                 self._idle.set()
 
     async def run_encode(self, fn: Callable[[], T]) -> T:

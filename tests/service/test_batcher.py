@@ -10,6 +10,7 @@ import pytest
 from engine.types import GenerationRequest
 from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+from service.state import RecentPeak
 
 SMALL = (64, 64)
 WIDE = (128, 64)
@@ -77,27 +78,27 @@ async def test_window_opens_when_the_device_is_free_to_take_the_batch() -> None:
         await asyncio.wait_for(b.next_batch(), 0.05)  # the clock stands still: a fresh window, not over
 
 
-async def test_closes_at_once_when_every_request_in_flight_is_queued() -> None:
-    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, in_flight_requests=lambda: 2)
+async def test_closes_at_once_when_as_many_requests_are_queued_as_are_expected() -> None:
+    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, expected_requests=lambda: 2)
     submit(b, seed=0)
     submit(b, n=2, seed=10)
-    assert (await next_batch(b)).images == 3  # nobody else could join: no hour-long wait
+    assert (await next_batch(b)).images == 3  # nobody else expected: no hour-long wait
 
 
-async def test_waits_while_more_requests_are_on_their_way() -> None:
-    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, in_flight_requests=lambda: 2)
-    submit(b, n=2)  # another request is being read, validated, encoded or sent: worth waiting for
+async def test_waits_while_more_requests_are_expected() -> None:
+    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, expected_requests=lambda: 2)
+    submit(b, n=2)  # another client was recently in flight: its next request is worth waiting for
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(b.next_batch(), 0.05)
 
 
 async def test_a_request_split_over_batches_counts_as_queued_until_its_last_item_is_taken() -> None:
-    b = MicroBatcher(max_batch_images=2, max_wait_s=FAR, capacity_images=64, in_flight_requests=lambda: 2)
+    b = MicroBatcher(max_batch_images=2, max_wait_s=FAR, capacity_images=64, expected_requests=lambda: 2)
     submit(b, n=3, seed=0)  # items of 2 + 1
     submit(b, seed=10)
     first = await next_batch(b)  # full
     assert first.images == 2
-    second = await next_batch(b)  # both requests still queued: nothing else coming, close at once
+    second = await next_batch(b)  # both requests still queued: nobody else expected, close at once
     assert [r.seed for r in second.requests] == [2, 10]
 
 
@@ -254,3 +255,22 @@ async def test_process_returns_results_in_submission_order() -> None:
             item.future.set_result(ItemResult([], batch.id, batch.images, 0.0))
     results = await asyncio.wait_for(task, 2)
     assert [result.batch_images for result in results] == [2, 1]
+
+
+def test_recent_peak_remembers_how_many_were_in_flight_together() -> None:
+    clock = FakeClock()
+    peak = RecentPeak(window_s=5.0, clock=clock)
+    for _ in range(4):
+        peak.enter()
+    peak.leave()  # one answer on its way back to its client
+    assert (peak.current, peak.peak()) == (3, 4)
+    clock.now += 6.0  # next window: the previous one's peak still counts
+    assert peak.peak() == 4
+    for _ in range(3):
+        peak.leave()
+    clock.now += 6.0
+    assert peak.peak() == 3  # the window that just ended began with 3 in flight
+    clock.now += 6.0
+    assert peak.peak() == 0  # then a whole window without traffic: forgotten
+    peak.enter()
+    assert peak.peak() == 1

@@ -1,0 +1,446 @@
+"""Load benchmark for the HTTP service (not a test): images/s and latency at several concurrencies,
+with batching on and off, against calling the engine directly at the same batch size.
+
+    python bench/load_service.py --engine fake                 # pure service overhead (sleep "device")
+    python bench/load_service.py --engine tiny                 # the tiny random-init model, real compute
+    python bench/load_service.py --model DIR [--size 256x256]  # any diffusers pipeline folder (mid-size)
+    python bench/load_service.py --build-mid DIR               # build a mid-size random-init model, then run
+
+The server runs in its own process (`tiue serve`'s app on 127.0.0.1, access log off); the load
+generator is closed-loop: each of C clients sends its next request when the last one came back.
+Overhead per request is measured in place: client latency minus the engine's own stage times for
+the batch the request rode in (from the response's `timings`), so drift in machine load between
+runs does not leak into it. Throughput is compared with back-to-back `pipeline.generate` calls in
+this process at the batch size the service could at best form, min(C, max_batch_size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ENGINE_STAGES = ("text_encode", "denoise", "vae_decode")
+PROMPTS = ["a red circle on a blue square", "a small green star", "a large yellow ring", "a purple triangle"]
+
+
+class SleepEngine:
+    """A fake device: each generate() costs batch_ms + image_ms per image, spent sleeping (no CPU)."""
+
+    def __init__(self, batch_ms: float, image_ms: float, size: int = 64):
+        from engine.types import ModelInfo
+
+        self.batch_s, self.image_s = batch_ms / 1000, image_ms / 1000
+        self.info = ModelInfo("sleep-engine", "fake", "fp32", "none", 4, 77, 16, size)
+        self._images: dict[tuple[int, int], Any] = {}
+
+    def validate(self, request: Any) -> None:
+        pass
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(prompt.split()) + 2
+
+    def generate(self, requests: Sequence[Any]) -> Any:
+        import numpy as np
+
+        from engine.types import BatchResult, GeneratedImage
+
+        started = time.perf_counter()
+        threading.Event().wait(self.batch_s + self.image_s * len(requests))
+        key = requests[0].shape_key
+        if key not in self._images:  # smooth gradient + mild noise: compresses like a real image, roughly
+            w, h = key
+            grad = np.linspace(0, 255, w * h * 3).reshape(h, w, 3)
+            noise = np.random.default_rng(0).integers(0, 16, (h, w, 3))
+            self._images[key] = (grad + noise).clip(0, 255).astype(np.uint8)
+        images = [GeneratedImage(self._images[key], r.seed) for r in requests]
+        return BatchResult(images, {"denoise": time.perf_counter() - started})
+
+    def warmup(self) -> None:
+        pass
+
+
+def make_engine(cfg: dict[str, Any]) -> Any:
+    if cfg["engine"] == "fake":
+        return SleepEngine(cfg["fake_batch_ms"], cfg["fake_image_ms"])
+    from engine.config import EngineConfig
+    from engine.pipeline import load_pipeline
+
+    return load_pipeline(EngineConfig(model_dir=Path(cfg["model_dir"]), max_batch_size=cfg["max_batch_size"]))
+
+
+# -- the server child ---------------------------------------------------------------------------
+
+
+def serve_child(cfg: dict[str, Any]) -> None:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = Settings(
+        max_batch_size=cfg["max_batch_size"],
+        max_wait_ms=cfg["max_wait_ms"],
+        queue_size=max(256, cfg["max_batch_size"]),
+        max_size=4096,
+        port=cfg["port"],
+    )
+    app = create_app(settings, pipeline_factory=lambda: make_engine(cfg))
+    uvicorn.run(app, host="127.0.0.1", port=cfg["port"], log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = {**cfg, "port": free_port()}
+        self.url = f"http://127.0.0.1:{self.cfg['port']}"
+        self.process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(self.cfg)], cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)  # another process: nothing to await
+        raise TimeoutError("server not ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def measure_direct(pipeline: Any, batch: int, size: tuple[int, int], seconds: float) -> dict[str, float]:
+    """Back-to-back generate() calls at one batch size, as a caller without the service would make them."""
+    from engine.types import GenerationRequest
+
+    def requests(start: int) -> list[Any]:
+        return [GenerationRequest(PROMPTS[i % len(PROMPTS)], i, *size) for i in range(start, start + batch)]
+
+    pipeline.generate(requests(0))
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        started = time.perf_counter()
+        pipeline.generate(requests(len(times) * batch))
+        times.append(time.perf_counter() - started)
+    return {
+        "batch": batch,
+        "images_per_s": batch * len(times) / sum(times),
+        "p50_ms": 1000 * statistics.median(times),
+    }
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Batch counts and the device's busy seconds (the sum of its stage times) so far."""
+    import httpx
+
+    values = {"busy_s": 0.0}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(("tiue_batch_size_images_sum", "tiue_batch_size_images_count")):
+            name, value = line.split()
+            values[name] = float(value)
+        elif line.startswith("tiue_stage_duration_seconds_sum") and 'stage="image_encode"' not in line:
+            values["busy_s"] += float(line.split()[-1])
+    return values
+
+
+async def run_load(
+    url: str, concurrency: int, seconds: float, warmup: float, size: str, raw: bool, min_requests: int
+) -> dict[str, Any]:
+    """Closed loop: each client sends its next request when its last one came back. The measured
+    window opens after `warmup` and lasts `seconds`, longer (up to 4x) until `min_requests` fit in it."""
+    import httpx
+
+    done: list[tuple[float, float, float]] = []  # (started, finished, engine seconds of its batch)
+    errors = 0
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Accept": "image/png"} if raw else {}
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        begin = time.perf_counter() + warmup
+
+        async def client_loop(k: int) -> None:
+            nonlocal errors
+            i = k
+            while not stop.is_set():
+                body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "size": size}
+                started = time.perf_counter()
+                response = await client.post("/generate", json=body, headers=headers)
+                finished = time.perf_counter()
+                i += concurrency
+                if response.status_code != 200:
+                    errors += 1
+                    continue
+                timings = _timings(response, raw)
+                done.append((started, finished, sum(timings.get(s, 0.0) for s in ENGINE_STAGES)))
+
+        async def window() -> float:
+            await asyncio.sleep(begin + seconds - time.perf_counter())
+            while time.perf_counter() < begin + 4 * seconds:
+                if sum(1 for started, finished, _ in done if started >= begin) >= min_requests:
+                    break
+                await asyncio.sleep(0.05)
+            end = time.perf_counter()
+            stop.set()
+            return end
+
+        clients = [asyncio.create_task(client_loop(k)) for k in range(concurrency)]
+        end = await window()
+        await asyncio.gather(*clients)
+
+    inside = [(s, f, e) for s, f, e in done if begin <= f <= end]
+    measured = [(s, f, e) for s, f, e in inside if s >= begin]
+    latencies = [f - s for s, f, _ in measured]
+    return {
+        "images_per_s": len(inside) / (end - begin),
+        "window_s": end - begin,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "overhead_p50_ms": 1000 * percentile([f - s - e for s, f, e in measured], 0.5),
+        "requests": len(measured),
+        "errors": errors,
+    }
+
+
+def _timings(response: Any, raw: bool) -> dict[str, float]:
+    if raw:  # Server-Timing: name;dur=ms, ...
+        parts = (item.split(";dur=") for item in response.headers["server-timing"].split(", "))
+        return {name: float(ms) / 1000 for name, ms in parts}
+    timings: dict[str, float] = response.json()["timings"]
+    return timings
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def build_mid(out_dir: Path) -> Path:
+    """A mid-size random-init SD1.5-layout pipeline (~26M-parameter UNet, 256 px), for CPU-sized runs."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from engine.tiny_model import END, SD_SCHEDULER, START, make_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=ids(START),
+            eos_token_id=ids(END),
+            pad_token_id=ids(END),
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(96, 192, 384),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=256,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 128, 128),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=256,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    print(
+        f"mid-size model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, at {out_dir}"
+    )
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--engine", choices=["fake", "tiny", "model"], default="tiny")
+    parser.add_argument("--model", type=Path, help="a diffusers pipeline folder (implies --engine model)")
+    parser.add_argument("--build-mid", type=Path, help="build a mid-size model into this folder and use it")
+    parser.add_argument("--size", help="WxH (default: the model's default size)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each cell")
+    parser.add_argument("--min-requests", type=int, default=20, help="extend a cell (up to 4x) to this many")
+    parser.add_argument("--fake-batch-ms", type=float, default=40.0)
+    parser.add_argument("--fake-image-ms", type=float, default=10.0)
+    parser.add_argument("--raw", action="store_true", help="ask for raw PNG bytes instead of JSON/base64")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    if args.build_mid:
+        args.model = build_mid(args.build_mid)
+    if args.model:
+        args.engine = "model"
+    cfg: dict[str, Any] = {
+        "engine": args.engine,
+        "fake_batch_ms": args.fake_batch_ms,
+        "fake_image_ms": args.fake_image_ms,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+    }
+    if args.engine == "tiny":
+        from engine.tiny_model import build_tiny_pipeline
+
+        cfg["model_dir"] = str(
+            build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="tiue-bench-")), "sd15", seed=0)
+        )
+    elif args.engine == "model":
+        cfg["model_dir"] = str(args.model)
+
+    pipeline = make_engine(cfg)
+    default = pipeline.info.default_size
+    size = args.size or f"{default}x{default}"
+    width, height = (int(v) for v in size.lower().split("x"))
+    batches = sorted({min(c, args.max_batch_size) for c in args.concurrency} | {1})
+    direct_s = max(3.0, args.duration / 2)
+    direct = {b: measure_direct(pipeline, b, (width, height), direct_s) for b in batches}
+    print(
+        f"engine {cfg['engine']} {cfg.get('model_dir', '')} at {size}; {os.cpu_count()} cores; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    for b, d in direct.items():
+        print(
+            f"  direct generate(batch={b}): {d['images_per_s']:.2f} images/s, p50 {d['p50_ms']:.1f} ms per call"
+        )
+
+    rows = []
+    for max_batch in (args.max_batch_size, 1):
+        server = ServerProcess({**cfg, "max_batch_size": max_batch})
+        try:
+            server.wait_ready()
+            for c in args.concurrency:
+                before, t0 = scrape(server.url), time.perf_counter()
+                result = asyncio.run(
+                    run_load(server.url, c, args.duration, args.warmup, size, args.raw, args.min_requests)
+                )
+                after, t1 = scrape(server.url), time.perf_counter()
+                batches_run = after["tiue_batch_size_images_count"] - before["tiue_batch_size_images_count"]
+                images_run = after["tiue_batch_size_images_sum"] - before["tiue_batch_size_images_sum"]
+                same = direct[min(c, max_batch)]
+                rows.append(
+                    {
+                        "max_batch_size": max_batch,
+                        "concurrency": c,
+                        **result,
+                        "mean_batch": images_run / batches_run if batches_run else float("nan"),
+                        "device_busy": (after["busy_s"] - before["busy_s"]) / (t1 - t0),
+                        "direct_batch": min(c, max_batch),
+                        "direct_images_per_s": same["images_per_s"],
+                        "fraction_of_direct": result["images_per_s"] / same["images_per_s"],
+                        "load_average": os.getloadavg()[0],
+                    }
+                )
+                print_row(rows[-1])
+        finally:
+            server.stop()
+
+    again = {b: measure_direct(pipeline, b, (width, height), direct_s) for b in batches}
+    print(
+        "direct again after the service runs (drift check): "
+        + ", ".join(f"batch {b}: {d['images_per_s']:.2f} images/s" for b, d in again.items())
+    )
+    print_table(rows)
+    if args.json:
+        report = {"config": cfg, "size": size, "direct": direct, "direct_after": again, "rows": rows}
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print(
+        f"  max_batch={row['max_batch_size']} c={row['concurrency']}: {row['images_per_s']:.2f} img/s "
+        f"p50 {row['p50_ms']:.1f} ms p99 {row['p99_ms']:.1f} ms, latency - engine p50 {row['overhead_p50_ms']:.1f} ms, "
+        f"mean batch {row['mean_batch']:.2f}, device busy {100 * row['device_busy']:.0f} % "
+        f"({row['requests']} requests in {row['window_s']:.1f} s, {row['errors']} errors, "
+        f"load {row['load_average']:.1f})",
+        flush=True,
+    )
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print()
+    print(
+        "| max batch | concurrency | images/s | p50 ms | p99 ms | latency − engine p50 ms | mean batch "
+        "| device busy | direct images/s (batch) | service / direct |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['max_batch_size']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['overhead_p50_ms']:.1f} | {r['mean_batch']:.2f} | {100 * r['device_busy']:.0f} % | "
+            f"{r['direct_images_per_s']:.2f} ({r['direct_batch']}) | {100 * r['fraction_of_direct']:.0f} % |"
+        )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        serve_child(json.loads(sys.argv[2]))
+    else:
+        sys.exit(main())
