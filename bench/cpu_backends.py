@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -76,17 +77,22 @@ def build_mid_pipeline(out_dir: Path) -> Path:
     return out_dir
 
 
-def time_pipeline(pipeline: TiUEPipeline, batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds per stage and in total over `repeats` runs, after one warm-up."""
-    size = pipeline.info.default_size
+def time_backends(
+    pipelines: dict[BackendName, TiUEPipeline], batch: int, repeats: int
+) -> dict[BackendName, dict[str, float]]:
+    """Median seconds per stage and in total, runs of the backends interleaved so that both see the
+    same background load (this machine is shared), after one warm-up each."""
+    size = next(iter(pipelines.values())).info.default_size
     requests = [GenerationRequest("a red circle on a blue background", i, size, size) for i in range(batch)]
-    pipeline.generate(requests)
-    runs: list[dict[str, float]] = []
+    runs: dict[BackendName, list[dict[str, float]]] = {b: [] for b in pipelines}
+    for pipeline in pipelines.values():
+        pipeline.generate(requests)
     for _ in range(repeats):
-        started = time.perf_counter()
-        timings = pipeline.generate(requests).timings
-        runs.append({**timings, "total": time.perf_counter() - started})
-    return {k: statistics.median(r[k] for r in runs) for k in (*STAGES, "total")}
+        for backend, pipeline in pipelines.items():
+            started = time.perf_counter()
+            timings = pipeline.generate(requests).timings
+            runs[backend].append({**timings, "total": time.perf_counter() - started})
+    return {b: {k: statistics.median(r[k] for r in rs) for k in (*STAGES, "total")} for b, rs in runs.items()}
 
 
 def main() -> None:
@@ -107,7 +113,10 @@ def main() -> None:
 
 def run(models: list[str], batches: list[int], repeats: int, threads: int, work: Path) -> None:
     builders = {"tiny": lambda p: build_tiny_pipeline(p, "sd15"), "mid": build_mid_pipeline}
-    print(f"torch {torch.__version__}, {threads} threads; median of {repeats} runs; ms per batch")
+    load = os.getloadavg()[0]
+    print(
+        f"torch {torch.__version__}, {threads} threads, load average {load:.1f}; median of {repeats} runs; ms per batch"
+    )
     print("| model | params (UNet) | px | batch | backend | text | denoise | vae | total | torch/ORT |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in models:
@@ -128,7 +137,7 @@ def run(models: list[str], batches: list[int], repeats: int, threads: int, work:
         params = sum(p.numel() for p in unet.parameters()) / 1e6
         size = pipelines[BackendName.TORCH].info.default_size
         for batch in batches:
-            results = {b: time_pipeline(p, batch, repeats) for b, p in pipelines.items()}
+            results = time_backends(pipelines, batch, repeats)
             ratio = results[BackendName.TORCH]["total"] / results[BackendName.ONNXRUNTIME]["total"]
             for backend, r in results.items():
                 cells = " | ".join(f"{r[k] * 1e3:.0f}" for k in (*STAGES, "total"))

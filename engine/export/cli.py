@@ -2,7 +2,8 @@
 or init container), into the folder the service then reads as its engine_dir.
 
 Register with `add_export_parser(subparsers)` / `add_build_engines_parser(subparsers)`; each sets
-`func`, which takes the parsed namespace and returns an exit status.
+`handler` (namespace -> exit status). Importing this module and building the parsers import neither
+torch nor diffusers: that waits for the handler.
 """
 
 from __future__ import annotations
@@ -11,20 +12,18 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from engine.export.profiles import Range
 
-from engine.errors import EngineError
-from engine.export.cache import ArtefactStore, Entry, engine_store, model_content_hash
-from engine.export.onnx_export import EXPORT_PRECISIONS, export_onnx_entry
-from engine.export.profiles import ModelDims, Range, profiles_from_specs
-from engine.loading import Components, load_components
-from engine.types import Precision
+if TYPE_CHECKING:
+    from engine.export.cache import Entry
+    from engine.loading import Components
+    from engine.types import Precision
 
 log = logging.getLogger(__name__)
 
-_PRECISIONS = [p.value for p in EXPORT_PRECISIONS]
+_PRECISIONS = ("fp32", "fp16")  # engine.export.onnx_export.EXPORT_PRECISIONS, without importing torch
 
 
 def _batch(text: str) -> Range:
@@ -34,11 +33,11 @@ def _batch(text: str) -> Range:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _common(parser: argparse.ArgumentParser, precision: str, device: str) -> None:
+def _common(parser: argparse.ArgumentParser, precision: str) -> None:
     parser.add_argument(
         "--model", type=Path, default=None, help="diffusers pipeline folder (default: the embedded model)"
     )
-    parser.add_argument("--precision", choices=_PRECISIONS, default=precision)
+    parser.add_argument("--precision", choices=_PRECISIONS, default=precision, help=f"default {precision}")
     parser.add_argument(
         "--batch", type=_batch, default=None, metavar="MIN:OPT:MAX", help="batch range (default 1:4:8)"
     )
@@ -53,7 +52,9 @@ def _common(parser: argparse.ArgumentParser, precision: str, device: str) -> Non
     parser.add_argument(
         "--steps", type=int, default=4, help="denoising steps baked into the graph (default 4)"
     )
-    parser.add_argument("--device", default=device, help=f"device to trace on (default {device})")
+    parser.add_argument(
+        "--device", default="auto", help="device to trace on: cpu, cuda, cuda:1 (default: cuda if present)"
+    )
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -64,13 +65,12 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         "ONNX with dynamic batch and size, into a cache entry under --out (use it as engine_dir).",
     )
     parser.add_argument("--out", type=Path, required=True, help="engine folder to write the entry into")
-    _common(parser, "fp32", "cpu")
-    parser.set_defaults(func=run_export)
+    _common(parser, "fp32")
+    parser.set_defaults(handler=run_export)
     return parser
 
 
 def add_build_engines_parser(subparsers: Any) -> argparse.ArgumentParser:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "build-engines",
         help="build the compiled artefacts the service loads (TensorRT engines or ONNX graphs)",
@@ -79,26 +79,39 @@ def add_build_engines_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--engine-dir", type=Path, default=None, help="default: the cache root's engines/")
     parser.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="tensorrt")
-    _common(parser, "fp16", default_device)
-    parser.set_defaults(func=run_build_engines)
+    _common(parser, "fp16")
+    parser.set_defaults(handler=run_build_engines)
     return parser
 
 
+def _device(text: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else text
+
+
 def _load(args: argparse.Namespace) -> tuple[Components, Precision]:
+    from engine.loading import load_components
+    from engine.types import Precision
+
     precision = Precision(args.precision)
-    components = load_components(args.model, precision.torch_dtype, args.device, args.steps)
+    components = load_components(args.model, precision.torch_dtype, _device(args.device), args.steps)
     return components, precision
 
 
 def _report(entry: Entry, verb: str) -> None:
     files = ", ".join(f"{name} ({meta['bytes'] / 1e6:.1f} MB)" for name, meta in entry.files.items())
-    profiles = "; ".join(
-        p.describe(int(entry.info.get("dims", {}).get("vae_scale", 8))) for p in entry.key.profiles
-    )
+    scale = int(entry.info.get("dims", {}).get("vae_scale", 8))
+    profiles = "; ".join(p.describe(scale) for p in entry.key.profiles)
     sys.stdout.write(f"{verb} {entry.path}\n  {files}\n  profiles: {profiles}\n")
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from engine.errors import EngineError
+    from engine.export.cache import ArtefactStore
+    from engine.export.onnx_export import export_onnx_entry
+    from engine.export.profiles import ModelDims, profiles_from_specs
+
     try:
         components, precision = _load(args)
         profiles = profiles_from_specs(args.sizes, args.batch, ModelDims.from_components(components))
@@ -111,6 +124,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_build_engines(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.errors import EngineError
+    from engine.export.cache import engine_store, model_content_hash
+    from engine.export.onnx_export import export_onnx_entry
+    from engine.export.profiles import ModelDims, profiles_from_specs
     from engine.export.tensorrt_build import build_tensorrt_entry, gpu_identity, import_tensorrt, is_rtx
 
     try:
@@ -118,22 +137,20 @@ def run_build_engines(args: argparse.Namespace) -> int:
         profiles = profiles_from_specs(args.sizes, args.batch, ModelDims.from_components(components))
         store = engine_store(args.engine_dir)
         model_hash = model_content_hash(components.path)
-        onnx_entry = export_onnx_entry(store, components, precision, profiles, model_hash)
-        entry = onnx_entry
+        entry = export_onnx_entry(store, components, precision, profiles, model_hash)
         if args.backend == "tensorrt":
             trt = import_tensorrt()
+            gpu: tuple[str, str] | None = None
+            device = _device(args.device)
             if torch.cuda.is_available():
-                gpu: tuple[str, str] | None = gpu_identity(
-                    args.device if args.device.startswith("cuda") else "cuda"
-                )
+                gpu = gpu_identity(device if device.startswith("cuda") else "cuda")
             elif is_rtx(trt):
-                gpu = None
                 log.warning("no GPU: building TensorRT-RTX engines for no particular GPU")
             else:
                 raise EngineError(
                     "building TensorRT engines needs the GPU they will run on, and torch sees none"
                 )
-            entry = build_tensorrt_entry(store, components, onnx_entry, precision, profiles, trt, gpu)
+            entry = build_tensorrt_entry(store, components, entry, precision, profiles, trt, gpu)
     except (EngineError, ValueError) as exc:
         sys.stderr.write(f"tiue build-engines: {exc}\n")
         return 2 if isinstance(exc, ValueError) else 1
@@ -149,5 +166,5 @@ def main(argv: list[str] | None = None) -> int:
     add_export_parser(subparsers)
     add_build_engines_parser(subparsers)
     args = parser.parse_args(argv)
-    status: int = args.func(args)
+    status: int = args.handler(args)
     return status

@@ -6,9 +6,10 @@ Everything here is in latent pixels (what the graphs see); the CLI converts from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.loading import Components
+if TYPE_CHECKING:  # the CLI parses ranges without importing torch
+    from engine.loading import Components
 
 
 @dataclass(frozen=True)

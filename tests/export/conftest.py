@@ -27,7 +27,7 @@ def cli(*argv: object) -> int:
     add_export_parser(sub)
     add_build_engines_parser(sub)
     args = parser.parse_args([str(a) for a in argv])
-    status: int = args.func(args)
+    status: int = args.handler(args)
     return status
 
 
