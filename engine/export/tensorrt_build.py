@@ -165,7 +165,8 @@ def build_tensorrt_entry(
     trt: ModuleType,
     gpu: tuple[str, str] | None,
 ) -> Entry:
-    """Build the three engines into a new cache entry, reusing and updating the timing cache.
+    """Build the three engines into a new cache entry (or return the one an identical key has),
+    reusing and updating the timing cache.
 
     `gpu` is (compute capability, name) of the target GPU; None only for TensorRT-RTX builds without
     one (tests), whose engines are compiled for the GPU when first loaded.
@@ -175,6 +176,10 @@ def build_tensorrt_entry(
         dims.check(p)
     onnx_want = dataclasses.replace(onnx_entry.key, profiles=profiles)
     key = tensorrt_key(onnx_want, trt, gpu[0] if gpu else None)
+    existing = next((e for e in store.entries("tensorrt") if e.key == key and not e.problems()), None)
+    if existing is not None:
+        log.info("engines for this key are already built: %s", existing.path)
+        return existing
     lib, version = library(trt)
     timing_path = store.root / "timing" / f"{lib}-{version}-{_slug(gpu[1]) if gpu else 'nogpu'}.cache"
 

@@ -64,6 +64,9 @@ def test_exported_graphs_build_into_engines(
         "denoiser": True,
         "vae_decoder": True,
     }
+    mtime = entry.file("denoiser").stat().st_mtime_ns
+    assert tiue("build-engines", *args, *export_args) == 0, "a second run is a cache hit"
+    assert entry.file("denoiser").stat().st_mtime_ns == mtime and len(store.entries("tensorrt")) == 1
     libraries = dict(entry.key.libraries)
     assert ("tensorrt" in libraries) or ("tensorrt_rtx" in libraries)
     assert entry.key.profiles == onnx_entry.key.profiles and entry.key.precision == "fp16"
