@@ -15,7 +15,7 @@ def _data(a: argparse.Namespace) -> None:
 def _vae(a: argparse.Namespace) -> None:
     from engine.distill.vae import encode_cache, train_vae
 
-    train_vae(a.workdir, steps=a.steps or 1100, batch=a.batch or 32, seed=a.seed)
+    train_vae(a.workdir, steps=a.steps or 1500, batch=a.batch or 32, seed=a.seed)
     encode_cache(a.workdir, n=a.n or 30_000, seed=a.seed)
 
 

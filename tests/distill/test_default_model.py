@@ -67,7 +67,7 @@ def test_loads_offline_with_diffusers_and_transformers() -> None:
 
 def test_engine_loads_it_as_the_default() -> None:
     loading = pytest.importorskip("engine.loading")
-    assert loading.default_model_dir() == DEFAULT_MODEL_DIR
+    assert loading.default_model_dir().resolve() == DEFAULT_MODEL_DIR.resolve()
 
 
 def test_judge_reads_what_the_prompt_asks_for() -> None:
