@@ -148,6 +148,12 @@ def export_onnx_entry(
 ) -> Entry:
     """Export the three graphs into a new cache entry (or return the one an identical key has)."""
     check_precision(precision)
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "exporting ONNX graphs needs the onnx package: pip install 'tiue-serve[onnx]'"
+        ) from exc
     dims = ModelDims.from_components(components)
     for p in profiles:
         dims.check(p)
