@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.export.profiles import Range
 
@@ -57,8 +57,8 @@ def _common(parser: argparse.ArgumentParser, precision: str) -> None:
     )
 
 
-def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
         "export",
         help="export the ONNX graphs (text encoder, TiUE denoiser, VAE decoder)",
         description="Export the text encoder, the whole TiUE denoiser (one graph) and the VAE decoder to "
@@ -67,11 +67,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="engine folder to write the entry into")
     _common(parser, "fp32")
     parser.set_defaults(handler=run_export)
-    return parser
 
 
-def add_build_engines_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+def add_build_engines_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
         "build-engines",
         help="build the compiled artefacts the service loads (TensorRT engines or ONNX graphs)",
         description="Export the ONNX graphs if needed and build TensorRT engines from them for this GPU and "
@@ -81,7 +80,6 @@ def add_build_engines_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=["tensorrt", "onnxruntime"], default="tensorrt")
     _common(parser, "fp16")
     parser.set_defaults(handler=run_build_engines)
-    return parser
 
 
 def _device(text: str) -> str:
