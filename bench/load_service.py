@@ -11,7 +11,9 @@ generator is closed-loop: each of C clients sends its next request when the last
 Overhead per request is measured in place: client latency minus the engine's own stage times for
 the batch the request rode in (from the response's `timings`), so drift in machine load between
 runs does not leak into it. Throughput is compared with back-to-back `pipeline.generate` calls in
-this process at the batch size the service could at best form, min(C, max_batch_size).
+this process at the batch size the service could at best form, min(C, max_batch_size), in paired
+slices (direct, then service, repeated) so that background load on a shared host hits both alike;
+the fraction reported is the median of the per-pair ratios.
 """
 
 from __future__ import annotations
@@ -231,14 +233,11 @@ async def run_load(
 
     inside = [(s, f, e) for s, f, e in done if begin <= f <= end]
     measured = [(s, f, e) for s, f, e in inside if s >= begin]
-    latencies = [f - s for s, f, _ in measured]
     return {
         "images_per_s": len(inside) / (end - begin),
         "window_s": end - begin,
-        "p50_ms": 1000 * percentile(latencies, 0.5),
-        "p99_ms": 1000 * percentile(latencies, 0.99),
-        "overhead_p50_ms": 1000 * percentile([f - s - e for s, f, e in measured], 0.5),
-        "requests": len(measured),
+        "latencies": [f - s for s, f, _ in measured],
+        "overheads": [f - s - e for s, f, e in measured],
         "errors": errors,
     }
 
@@ -325,9 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each cell")
-    parser.add_argument("--min-requests", type=int, default=20, help="extend a cell (up to 4x) to this many")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per slice")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each slice")
+    parser.add_argument("--repeats", type=int, default=3, help="paired direct/service slices per cell")
+    parser.add_argument("--min-requests", type=int, default=10, help="extend a slice (up to 4x) to this many")
     parser.add_argument("--fake-batch-ms", type=float, default=40.0)
     parser.add_argument("--fake-image-ms", type=float, default=10.0)
     parser.add_argument("--raw", action="store_true", help="ask for raw PNG bytes instead of JSON/base64")
@@ -358,59 +358,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = pipeline.info.default_size
     size = args.size or f"{default}x{default}"
     width, height = (int(v) for v in size.lower().split("x"))
-    batches = sorted({min(c, args.max_batch_size) for c in args.concurrency} | {1})
-    direct_s = max(3.0, args.duration / 2)
-    direct = {b: measure_direct(pipeline, b, (width, height), direct_s) for b in batches}
     print(
         f"engine {cfg['engine']} {cfg.get('model_dir', '')} at {size}; {os.cpu_count()} cores; "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"load average {os.getloadavg()[0]:.1f}; {args.repeats} paired slices of {args.duration:g} s per cell",
+        flush=True,
     )
-    for b, d in direct.items():
-        print(
-            f"  direct generate(batch={b}): {d['images_per_s']:.2f} images/s, p50 {d['p50_ms']:.1f} ms per call"
-        )
-
     rows = []
     for max_batch in (args.max_batch_size, 1):
         server = ServerProcess({**cfg, "max_batch_size": max_batch})
         try:
             server.wait_ready()
             for c in args.concurrency:
-                before, t0 = scrape(server.url), time.perf_counter()
-                result = asyncio.run(
-                    run_load(server.url, c, args.duration, args.warmup, size, args.raw, args.min_requests)
-                )
-                after, t1 = scrape(server.url), time.perf_counter()
-                batches_run = after["tiue_batch_size_images_count"] - before["tiue_batch_size_images_count"]
-                images_run = after["tiue_batch_size_images_sum"] - before["tiue_batch_size_images_sum"]
-                same = direct[min(c, max_batch)]
-                rows.append(
-                    {
-                        "max_batch_size": max_batch,
-                        "concurrency": c,
-                        **result,
-                        "mean_batch": images_run / batches_run if batches_run else float("nan"),
-                        "device_busy": (after["busy_s"] - before["busy_s"]) / (t1 - t0),
-                        "direct_batch": min(c, max_batch),
-                        "direct_images_per_s": same["images_per_s"],
-                        "fraction_of_direct": result["images_per_s"] / same["images_per_s"],
-                        "load_average": os.getloadavg()[0],
-                    }
-                )
+                rows.append(measure_cell(args, server, pipeline, c, max_batch, size, (width, height)))
                 print_row(rows[-1])
         finally:
             server.stop()
-
-    again = {b: measure_direct(pipeline, b, (width, height), direct_s) for b in batches}
-    print(
-        "direct again after the service runs (drift check): "
-        + ", ".join(f"batch {b}: {d['images_per_s']:.2f} images/s" for b, d in again.items())
-    )
     print_table(rows)
     if args.json:
-        report = {"config": cfg, "size": size, "direct": direct, "direct_after": again, "rows": rows}
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps({"config": cfg, "size": size, "rows": rows}, indent=2))
     return 0
+
+
+def measure_cell(
+    args: argparse.Namespace,
+    server: ServerProcess,
+    pipeline: Any,
+    concurrency: int,
+    max_batch: int,
+    size: str,
+    shape: tuple[int, int],
+) -> dict[str, Any]:
+    """Alternate direct and service slices, so that background load on a shared host hits both alike;
+    the fraction is the median of the per-pair ratios."""
+    batch = min(concurrency, max_batch)
+    direct, service, latencies, overheads = [], [], [], []
+    busy = wall = 0.0
+    images = batches = errors = 0.0
+    for _ in range(args.repeats):
+        direct.append(measure_direct(pipeline, batch, shape, args.duration)["images_per_s"])
+        before, t0 = scrape(server.url), time.perf_counter()
+        result = asyncio.run(
+            run_load(server.url, concurrency, args.duration, args.warmup, size, args.raw, args.min_requests)
+        )
+        after, t1 = scrape(server.url), time.perf_counter()
+        service.append(result["images_per_s"])
+        latencies += result["latencies"]
+        overheads += result["overheads"]
+        errors += result["errors"]
+        busy += after["busy_s"] - before["busy_s"]
+        wall += t1 - t0
+        batches += after["tiue_batch_size_images_count"] - before["tiue_batch_size_images_count"]
+        images += after["tiue_batch_size_images_sum"] - before["tiue_batch_size_images_sum"]
+    return {
+        "max_batch_size": max_batch,
+        "concurrency": concurrency,
+        "images_per_s": statistics.median(service),
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "overhead_p50_ms": 1000 * percentile(overheads, 0.5),
+        "requests": len(latencies),
+        "errors": int(errors),
+        "mean_batch": images / batches if batches else float("nan"),
+        "device_busy": busy / wall,
+        "direct_batch": batch,
+        "direct_images_per_s": statistics.median(direct),
+        "fraction_of_direct": statistics.median(s / d for s, d in zip(service, direct, strict=True)),
+        "fractions": [s / d for s, d in zip(service, direct, strict=True)],
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def print_row(row: dict[str, Any]) -> None:
@@ -418,8 +433,8 @@ def print_row(row: dict[str, Any]) -> None:
         f"  max_batch={row['max_batch_size']} c={row['concurrency']}: {row['images_per_s']:.2f} img/s "
         f"p50 {row['p50_ms']:.1f} ms p99 {row['p99_ms']:.1f} ms, latency - engine p50 {row['overhead_p50_ms']:.1f} ms, "
         f"mean batch {row['mean_batch']:.2f}, device busy {100 * row['device_busy']:.0f} % "
-        f"({row['requests']} requests in {row['window_s']:.1f} s, {row['errors']} errors, "
-        f"load {row['load_average']:.1f})",
+        f"({row['requests']} requests, {row['errors']} errors, load {row['load_average']:.1f}, "
+        f"pair ratios {' '.join(f'{100 * f:.0f}%' for f in row['fractions'])})",
         flush=True,
     )
 
