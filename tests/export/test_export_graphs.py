@@ -147,7 +147,7 @@ def test_stale_graphs_are_named_then_rebuilt_when_allowed(
     tiny_model_dir: Path, fp16_engine_dir: Path, tmp_path: Path, ort_config: Config
 ) -> None:
     engines = shutil.copytree(fp16_engine_dir, tmp_path / "engines")
-    (entry,) = ArtefactStore(engines).entries()
+    (entry,) = ArtefactStore(engines).entries("onnx")
     manifest = json.loads((entry.path / "manifest.json").read_text())
     manifest["key"]["libraries"]["torch"] = "2.0.0"
     (entry.path / "manifest.json").write_text(json.dumps(manifest))
@@ -158,7 +158,7 @@ def test_stale_graphs_are_named_then_rebuilt_when_allowed(
         load_pipeline(ort_config(tiny_model_dir, engines))
     pipeline = load_pipeline(ort_config(tiny_model_dir, engines, build_engines=True))
     assert pipeline.backend.artefacts != entry.path  # type: ignore[attr-defined]
-    assert len(ArtefactStore(engines).entries()) == 2
+    assert len(ArtefactStore(engines).entries("onnx")) == 2
 
 
 def test_a_changed_model_does_not_load_old_graphs(
