@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.cli import add_distill_parser, add_generate_parser
+from engine.export.cli import add_build_engines_parser, add_export_parser
+
 if TYPE_CHECKING:
     import uvicorn
 
@@ -62,7 +65,13 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_serve)
 
 
-_REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_serve,)
+_REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_serve,
+    add_generate_parser,
+    add_export_parser,
+    add_build_engines_parser,
+    add_distill_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "distill":  # distill passes its options through to its own parser
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        args.distill_args = unknown + args.distill_args
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
 

@@ -10,7 +10,9 @@ import torch
 
 from engine.tiny_model import build_tiny_pipeline
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the tiny models gain nothing from more, and OpenMP threads that spin-wait
+# collapse (seconds per image instead of milliseconds) when a server subprocess shares the cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
