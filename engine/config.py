@@ -19,3 +19,4 @@ class EngineConfig:
     build_engines: bool = False  # compiled backends: build a missing engine at load instead of failing
     torch_compile: bool = False
     max_batch_size: int = 8  # images per denoiser call; compiled profiles are sized from it
+    threads: int = 0  # CPU intra-op threads for torch and onnxruntime; 0 keeps the library default

@@ -126,9 +126,18 @@ class TiUEPipeline:
         )
 
     def warmup(self) -> None:
-        """One full generation at the default size so first requests do not pay for lazy init."""
-        size = self.info.default_size
+        """One full generation so first requests do not pay for lazy init: at the default size, or the
+        nearest square size the backend supports (compiled engines may exclude the default)."""
+        size = self.nearest_supported_size(self.info.default_size)
         self.generate([GenerationRequest("warm up", 0, size, size)])
+
+    def nearest_supported_size(self, size: int, limit: int = 4096) -> int:
+        m = self.info.size_multiple
+        candidates = sorted(range(m, limit + 1, m), key=lambda s: (abs(s - size), s))
+        for s in candidates:
+            if self.backend.unsupported(1, s // self.vae_scale, s // self.vae_scale) is None:
+                return s
+        raise UnsupportedSizeError(f"the {self.backend.name} backend supports no square size up to {limit}")
 
     @contextmanager
     def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
@@ -150,6 +159,8 @@ def load_pipeline(
 ) -> TiUEPipeline:
     """Load the checkpoint named by `config` (or the embedded default) onto the chosen backend."""
     started = time.perf_counter()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     components = load_components(config.model_dir, config.precision.torch_dtype, config.device, config.steps)
     backend = backend_factory(components, config)
     pipeline = TiUEPipeline(components, backend, config)

@@ -124,3 +124,15 @@ def test_embedded_default_loads_without_configuration() -> None:
     assert (default_model_dir() / "model_index.json").is_file()
     size = pipe.info.default_size
     assert pipe.generate([_req("a red circle", 0, size=size)]).images[0].pixels.shape == (size, size, 3)
+
+
+def test_warmup_uses_a_size_the_backend_supports(tiny_model_dir: Path) -> None:
+    """Compiled engines may exclude the model's default size; warm-up must not fail on that."""
+    pipe = load_pipeline(EngineConfig(model_dir=tiny_model_dir))
+    seen: list[int] = []
+    pipe.backend.unsupported = lambda batch, h, w: None if h * 8 >= 96 else "outside the profile"  # type: ignore[method-assign]
+    assert pipe.nearest_supported_size(64) == 96
+    real_generate = pipe.generate
+    pipe.generate = lambda reqs: seen.append(reqs[0].width) or real_generate(reqs)  # type: ignore[method-assign]
+    pipe.warmup()
+    assert seen == [96]
