@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from tqdm import tqdm
 
 from engine.distill.common import need, to_unit
@@ -194,8 +195,12 @@ def run_eval(workdir: Path) -> dict:
         "accuracy": accuracy(judge, recon, [s.caption() for s in real_scenes]),
         "diversity": {"pixel": float("nan"), "feature": float("nan")},
     }
-    for name, gen in tqdm(rows.items(), desc="eval"):
+    out = workdir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (name, gen) in enumerate(tqdm(rows.items(), desc="eval")):
         images = gen(flat_prompts, flat_seeds)
+        sheet = images[: 16 * N_SEEDS].reshape(16, N_SEEDS, 64, 64, 3).transpose(1, 2, 0, 3, 4)
+        Image.fromarray(sheet.reshape(N_SEEDS * 64, 16 * 64, 3)).save(out / f"samples_{k}.png")
         div_images = gen(div_flat, div_seeds)
         groups = [div_images[i : i + DIVERSITY_SEEDS] for i in range(0, len(div_images), DIVERSITY_SEEDS)]
         results["rows"][name] = {
@@ -203,8 +208,6 @@ def run_eval(workdir: Path) -> dict:
             "diversity": diversity(judge, groups),
         }
         log.info("%s: %s", name, results["rows"][name])
-    out = workdir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(markdown_table(results))
     return results

@@ -19,10 +19,16 @@ def _vae(a: argparse.Namespace) -> None:
     encode_cache(a.workdir, n=a.n or 30_000, seed=a.seed)
 
 
+def _decoder(a: argparse.Namespace) -> None:
+    from engine.distill.vae import finetune_decoder
+
+    finetune_decoder(a.workdir, steps=a.steps or 1500, batch=a.batch or 32, seed=a.seed)
+
+
 def _teacher(a: argparse.Namespace) -> None:
     from engine.distill.teacher import train_teacher
 
-    train_teacher(a.workdir, steps=a.steps or 8000, batch=a.batch or 32, seed=a.seed)
+    train_teacher(a.workdir, steps=a.steps or 6500, batch=a.batch or 32, seed=a.seed)
 
 
 def _judge(a: argparse.Namespace) -> None:
@@ -68,6 +74,7 @@ def _ship(a: argparse.Namespace) -> None:
 STAGES: dict[str, Callable[[argparse.Namespace], None]] = {
     "data": _data,
     "vae": _vae,
+    "decoder": _decoder,
     "teacher": _teacher,
     "judge": _judge,
     "student": _student,
@@ -75,7 +82,7 @@ STAGES: dict[str, Callable[[argparse.Namespace], None]] = {
     "ship": _ship,
     "probe": _probe,
 }
-ORDER = ("data", "vae", "judge", "teacher", "student", "eval", "ship")
+ORDER = ("data", "vae", "judge", "teacher", "decoder", "student", "eval", "ship")
 
 
 def _all(a: argparse.Namespace) -> None:
