@@ -77,6 +77,10 @@ class SleepEngine:
 
 
 def make_engine(cfg: dict[str, Any]) -> Any:
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(cfg["torch_threads"])
     if cfg["engine"] == "fake":
         return SleepEngine(cfg["fake_batch_ms"], cfg["fake_image_ms"])
     from engine.config import EngineConfig
@@ -254,7 +258,7 @@ def _timings(response: Any, raw: bool) -> dict[str, float]:
 
 
 def build_mid(out_dir: Path) -> Path:
-    """A mid-size random-init SD1.5-layout pipeline (~26M-parameter UNet, 256 px), for CPU-sized runs."""
+    """A mid-size random-init SD1.5-layout pipeline (40M-parameter UNet, 256 px), for CPU-sized runs."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -331,6 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fake-batch-ms", type=float, default=40.0)
     parser.add_argument("--fake-image-ms", type=float, default=10.0)
     parser.add_argument("--raw", action="store_true", help="ask for raw PNG bytes instead of JSON/base64")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads for the engine, the same in the server and for the direct calls; on a "
+        "shared CPU, 1 avoids OpenMP threads stalling each other when one is descheduled",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -344,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fake_image_ms": args.fake_image_ms,
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
+        "torch_threads": args.torch_threads,
     }
     if args.engine == "tiny":
         from engine.tiny_model import build_tiny_pipeline

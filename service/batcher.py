@@ -191,6 +191,18 @@ class MicroBatcher:
             with suppress(asyncio.TimeoutError):
                 self._accept(await asyncio.wait_for(self._queue.get(), max(timeout, 0.0)))
 
+    def full_batch_nowait(self) -> Batch | None:
+        """A full batch if one is waiting right now (the oldest first), else None; never waits."""
+        self._move_queued_to_groups()
+        now = self._clock()
+        self._prune(now)
+        full = [
+            (group[0].enqueued_at, key)
+            for key, group in self._groups.items()
+            if sum(item.images for item in group) >= self.max_batch_images
+        ]
+        return self._take(min(full, key=lambda pair: pair[0])[1], now) if full else None
+
     def close(self) -> None:
         """Take no new work; what is queued still comes out of next_batch, without waiting to fill."""
         if not self._closed:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import TypeVar
 
 from engine.types import BatchResult, GenerationRequest
@@ -37,6 +38,12 @@ def check_result(result: BatchResult, requests: Sequence[GenerationRequest]) -> 
             raise EngineContractError(
                 f"image {index} is {image.pixels.dtype.name}{tuple(image.pixels.shape)}, expected uint8{expected}"
             )
+
+
+@dataclass
+class _Run:
+    batch: Batch
+    future: asyncio.Future[tuple[BatchResult, float]]
 
 
 class DeviceWorker:
@@ -76,26 +83,52 @@ class DeviceWorker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, pipeline: Pipeline) -> None:
-        while True:
-            try:
-                batch = await self._batcher.next_batch()
-            except BatcherClosed:
-                return
-            await self._run(pipeline, batch)
+        """One batch runs on the device thread; a full one may wait right behind it in the executor's
+        queue, so that under load the device goes from batch to batch without a trip through the loop."""
+        running: _Run | None = None
+        staged: _Run | None = None
+        try:
+            while True:
+                if staged is None:
+                    try:
+                        running = self._submit(pipeline, await self._batcher.next_batch())
+                    except BatcherClosed:
+                        return
+                else:
+                    running, staged = staged, None
+                full = self._batcher.full_batch_nowait()  # only a full batch is formed early
+                if full is not None:
+                    staged = self._submit(pipeline, full)
+                await self._finish(running)
+                running = None
+        except asyncio.CancelledError:
+            for run in (running, staged):
+                if run is not None:
+                    self._fail(
+                        run.batch,
+                        lambda: ShuttingDown("the server shut down before this request's images were made"),
+                    )
+            raise
 
-    async def _run(self, pipeline: Pipeline, batch: Batch) -> None:
+    def _submit(self, pipeline: Pipeline, batch: Batch) -> _Run:
         requests = batch.requests
         for item in batch.items:
             self._metrics.queue_wait.observe(batch.formed_at - item.enqueued_at)
         self._metrics.batch_size.observe(len(requests))
-        started = time.perf_counter()
+
+        def run() -> tuple[BatchResult, float]:
+            started = time.perf_counter()
+            result = pipeline.generate(requests)
+            return result, time.perf_counter() - started
+
+        return _Run(batch, asyncio.get_running_loop().run_in_executor(self._executor, run))
+
+    async def _finish(self, run: _Run) -> None:
+        batch, requests = run.batch, run.batch.requests
         try:
-            result = await self.call(lambda: pipeline.generate(requests))
+            result, seconds = await run.future
             check_result(result, requests)
         except asyncio.CancelledError:
-            self._fail(
-                batch, lambda: ShuttingDown("the server shut down while this request was on the device")
-            )
             raise
         except Exception as exc:
             logger.error(
@@ -103,11 +136,11 @@ class DeviceWorker:
             )
             self._fail(batch, lambda: BatchFailed(batch.id))
             return
-        self._batcher.record_throughput(len(requests), time.perf_counter() - started)
+        self._batcher.record_throughput(len(requests), seconds)
         self._metrics.images_generated.inc(len(requests))
-        for stage, seconds in result.timings.items():
+        for stage, stage_s in result.timings.items():
             if stage in STAGES:
-                self._metrics.stage_duration.labels(stage=stage).observe(seconds)
+                self._metrics.stage_duration.labels(stage=stage).observe(stage_s)
         offset = 0
         for item in batch.items:
             images = result.images[offset : offset + item.images]

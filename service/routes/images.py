@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from service.auth import require_api_key
 from service.errors import NotAcceptable, UnsupportedMediaType
 from service.generation import Job, JobOutput, parse_size, random_seed, run_job
-from service.images import MEDIA_TYPES, OutputFormat, negotiate
+from service.images import MEDIA_TYPES, ImagePreference, OutputFormat, negotiate
 from service.schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -52,6 +52,25 @@ def _data(output: JobOutput) -> list[ImageData]:
     return [ImageData(b64_json=image.data.decode("ascii"), seed=image.seed) for image in output.images]
 
 
+def _output_format(body: GenerateRequest, preference: ImagePreference) -> OutputFormat:
+    """The format to encode in; 406 when raw bytes cannot carry the answer or disagree with the body."""
+    if not preference.raw:
+        return body.output_format
+    if body.n != 1:
+        raise NotAcceptable(
+            f"Accept asks for raw image bytes, which carry one image, but n is {body.n}; ask for application/json",
+            param="n",
+        )
+    wanted = preference.output_format
+    if wanted is None:
+        return body.output_format
+    if "output_format" in body.model_fields_set and wanted != body.output_format:
+        raise NotAcceptable(
+            f"Accept asks for image/{wanted} but output_format is {body.output_format}", param="output_format"
+        )
+    return wanted
+
+
 @router.post(
     "/generate",
     summary="Generate images; JSON with base64 images, or raw bytes for `Accept: image/*` and n = 1",
@@ -62,21 +81,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     state: ServiceState = request.app.state.tiue
     info = state.require_pipeline().info
     preference = negotiate(request.headers.get("accept"))
-    output_format: OutputFormat = body.output_format
-    if preference.raw:
-        if body.n != 1:
-            raise NotAcceptable(
-                f"Accept asks for raw image bytes, which carry one image, but n is {body.n}; "
-                "ask for application/json",
-                param="n",
-            )
-        if preference.output_format is not None:
-            if "output_format" in body.model_fields_set and preference.output_format != output_format:
-                raise NotAcceptable(
-                    f"Accept asks for image/{preference.output_format} but output_format is {output_format}",
-                    param="output_format",
-                )
-            output_format = preference.output_format
+    output_format = _output_format(body, preference)
     width, height = parse_size(body.size, body.width, body.height, info)
     seed = random_seed() if body.seed is None else body.seed
     job = Job(body.prompt, body.n, width, height, seed, output_format, body.output_compression)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from fakes import FakeEngine
+from fakes import FakeEngine, wait_until
 
 from engine.types import BatchResult, GenerationRequest
 from service.batcher import MicroBatcher
@@ -142,3 +142,35 @@ async def test_the_device_is_only_touched_from_one_thread() -> None:
     await asyncio.wait_for(asyncio.gather(*futures), 5)
     assert len(threads) == 1 and threading.get_ident() not in threads
     await worker.stop(5)
+
+
+async def test_a_full_batch_is_staged_behind_the_running_one_and_a_partial_one_is_not(
+    engine: FakeEngine,
+) -> None:
+    engine.gate.clear()
+    batcher, worker = setup(engine, max_batch=4, wait_s=10.0)
+    futures = [batcher.submit(SIZE, reqs(1, seed=i), deadline())[0] for i in range(14)]
+    assert [r.seed for r in await engine.wait_entered()] == [0, 1, 2, 3]
+    await wait_until(lambda: batcher.pending_images == 6)  # 4..7 staged on the device thread's queue
+    await asyncio.sleep(0.05)
+    assert batcher.pending_images == 6  # only one batch is staged ahead
+    engine.gate.set()
+    assert [r.seed for r in await engine.wait_entered()] == [4, 5, 6, 7]
+    assert [r.seed for r in await engine.wait_entered()] == [8, 9, 10, 11]
+    batcher.close()  # 12, 13: a partial batch, flushed on close
+    results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert [result.images[0].seed for result in results] == list(range(14))
+    await worker.stop(5)
+
+
+async def test_stop_fails_a_staged_batch_too(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    batcher, worker = setup(engine, max_batch=1)
+    running, staged = (batcher.submit(SIZE, reqs(1, seed=i), deadline())[0] for i in range(2))
+    await engine.wait_entered()
+    await wait_until(lambda: batcher.pending_images == 0)  # the second is staged
+    await asyncio.wait_for(worker.stop(0.1), 5)
+    for future in (running, staged):
+        with pytest.raises(ShuttingDown):
+            future.result()
+    engine.gate.set()
