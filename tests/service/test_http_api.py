@@ -62,6 +62,13 @@ async def test_generate_returns_one_image_per_seed_in_order(engine: FakeEngine) 
     assert "denoise;dur=4.0" in response.headers["server-timing"]
 
 
+async def test_n_larger_than_a_batch_is_split_over_batches_and_returned_in_order(engine: FakeEngine) -> None:
+    async with serve(engine, max_batch_size=3) as (client, _app):
+        response = await client.post("/generate", json={"prompt": "x", "n": 8, "seed": 20})
+    assert [item["seed"] for item in response.json()["data"]] == list(range(20, 28))
+    assert [len(batch) for batch in engine.batches] == [3, 3, 2]
+
+
 async def test_width_and_height_may_replace_size_and_default_is_the_models_size(engine: FakeEngine) -> None:
     async with serve(engine) as (client, _app):
         explicit = await client.post("/generate", json={**GOOD, "width": 96, "height": 64})
