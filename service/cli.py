@@ -33,6 +33,7 @@ _SERVE_FLAGS = {  # flag -> Settings field; a flag given on the command line win
     "engine_dir": "engine_dir",
     "build_engines": "build_engines",
     "torch_compile": "torch_compile",
+    "threads": "threads",
     "max_batch_size": "max_batch_size",
     "max_wait_ms": "max_wait_ms",
     "queue_size": "queue_size",
@@ -58,6 +59,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-dir", type=Path, help="compiled-engine cache (TIUE_ENGINE_DIR)")
     p.add_argument("--build-engines", action="store_true", default=None, help="build missing engines at load")
     p.add_argument("--torch-compile", action="store_true", default=None, help="torch.compile the backend")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads, 0 = library default (TIUE_THREADS)")
     p.add_argument("--max-batch-size", type=int, help="images per engine call (TIUE_MAX_BATCH_SIZE)")
     p.add_argument("--max-wait-ms", type=float, help="batch collection window (TIUE_MAX_WAIT_MS)")
     p.add_argument("--queue-size", type=int, help="images that may wait (TIUE_QUEUE_SIZE)")

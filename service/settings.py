@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     engine_dir: Path | None = None
     build_engines: bool = False
     torch_compile: bool = False
+    threads: int = Field(default=0, ge=0, le=256, description="CPU intra-op threads; 0: the library default")
 
     # Batching and admission.
     max_batch_size: int = Field(default=4, ge=1, le=256, description="images per engine call")
@@ -118,4 +119,5 @@ class Settings(BaseSettings):
             build_engines=self.build_engines,
             torch_compile=self.torch_compile,
             max_batch_size=self.max_batch_size,
+            threads=self.threads,
         )

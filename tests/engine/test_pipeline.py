@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine import EngineConfig, GenerationRequest
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSchedulerError, UnsupportedSizeError
@@ -136,3 +137,12 @@ def test_warmup_uses_a_size_the_backend_supports(tiny_model_dir: Path) -> None:
     pipe.generate = lambda reqs: seen.append(reqs[0].width) or real_generate(reqs)  # type: ignore[method-assign]
     pipe.warmup()
     assert seen == [96]
+
+
+def test_threads_setting_reaches_torch(tiny_model_dir: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        load_pipeline(EngineConfig(model_dir=tiny_model_dir, threads=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
