@@ -46,7 +46,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve the HTTP API",
         description="Serve the HTTP API. Settings come from TIUE_* environment variables (see "
-        "docs/service.md); these flags override them. With nothing set it serves the embedded "
+        "README.md, The HTTP service); these flags override them. With nothing set it serves the embedded "
         "default model on 127.0.0.1:8000.",
     )
     p.add_argument("--host", help="bind address (TIUE_HOST, default 127.0.0.1)")
