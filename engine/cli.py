@@ -63,6 +63,7 @@ def run_generate(args: argparse.Namespace) -> int:
         precision=args.dtype,
         steps=args.steps,
         engine_dir=args.engine_dir,
+        threads=args.threads,
     )
     try:
         started = time.perf_counter()
