@@ -32,6 +32,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine-dir", type=Path, default=None, help="compiled-engine cache (onnxruntime, tensorrt)"
     )
+    parser.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: library default)")
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
