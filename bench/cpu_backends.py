@@ -19,62 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.pipeline import TiUEPipeline, load_pipeline  # noqa: E402
-from engine.tiny_model import END, SD_SCHEDULER, START, build_tiny_pipeline, make_tokenizer, tiny_unet  # noqa: E402
+from engine.tiny_model import MID_128, build_tiny_pipeline  # noqa: E402
 from engine.types import BackendName, GenerationRequest  # noqa: E402
 
 STAGES = ("text_encode", "denoise", "vae_decode")
-
-
-def build_mid_pipeline(out_dir: Path) -> Path:
-    """A ~20M-parameter UNet (64/128/256, SD1.5 layout), a 4-layer text encoder and a 3-level VAE."""
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.convert_tokens_to_ids(START),
-            eos_token_id=tokenizer.convert_tokens_to_ids(END),
-            pad_token_id=tokenizer.convert_tokens_to_ids(END),
-        )
-    )
-    unet = tiny_unet("sd15", cross_dim=256, channels=(64, 128, 256))
-    unet.register_to_config(sample_size=16)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=128,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
 
 
 def time_backends(
@@ -112,7 +66,10 @@ def main() -> None:
 
 
 def run(models: list[str], batches: list[int], repeats: int, threads: int, work: Path) -> None:
-    builders = {"tiny": lambda p: build_tiny_pipeline(p, "sd15"), "mid": build_mid_pipeline}
+    builders = {
+        "tiny": lambda p: build_tiny_pipeline(p, "sd15"),
+        "mid": lambda p: build_tiny_pipeline(p, "sd15", size=MID_128),
+    }
     load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, {threads} threads, load average {load:.1f}; median of {repeats} runs; ms per batch"

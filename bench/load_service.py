@@ -259,62 +259,9 @@ def _timings(response: Any, raw: bool) -> dict[str, float]:
 
 def build_mid(out_dir: Path) -> Path:
     """A mid-size random-init SD1.5-layout pipeline (40M-parameter UNet, 256 px), for CPU-sized runs."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from engine.tiny_model import MID_256, build_tiny_pipeline
 
-    from engine.tiny_model import END, SD_SCHEDULER, START, make_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=ids(START),
-            eos_token_id=ids(END),
-            pad_token_id=ids(END),
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(96, 192, 384),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=256,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 64, 128, 128),
-        layers_per_block=1,
-        latent_channels=4,
-        sample_size=256,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    print(
-        f"mid-size model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, at {out_dir}"
-    )
-    return out_dir
+    return build_tiny_pipeline(out_dir, "sd15", seed=0, size=MID_256)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

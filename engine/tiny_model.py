@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -112,13 +113,32 @@ def make_tokenizer(words: Iterable[str] = BASE_WORDS, max_length: int = 77) -> C
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=END)
 
 
+@dataclass(frozen=True)
+class PipelineSize:
+    """The dimensions of a generated pipeline: tiny for tests, larger presets for CPU benchmarks."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_width: int = 32
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)
+    image_size: int = 64  # native pixels; the UNet's sample_size is this over the VAE factor
+    norm_groups: int = 8
+
+
+TINY = PipelineSize()
+# ~18M-parameter UNet at 128 px (bench/cpu_backends.py)
+MID_128 = PipelineSize((64, 128, 256), 256, 4, (32, 64, 64, 64), 128, 16)
+# ~40M-parameter UNet at 256 px (bench/load_service.py)
+MID_256 = PipelineSize((96, 192, 384), 256, 4, (32, 64, 128, 128), 256, 16)
+
+
 def tiny_unet(
-    shape: str = "sd15", cross_dim: int = 32, channels: tuple[int, ...] = (32, 64)
+    shape: str = "sd15", cross_dim: int = 32, channels: tuple[int, ...] = (32, 64), sample_size: int = 8
 ) -> UNet2DConditionModel:
     sd21 = shape == "sd21"
     levels = len(channels)
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=channels,
@@ -132,21 +152,23 @@ def tiny_unet(
     )
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(
+    channels: tuple[int, ...] = TINY.vae_channels, image_size: int = 64, groups: int = 8
+) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
+        norm_num_groups=groups,
+        sample_size=image_size,
     )
 
 
-def build_tiny_pipeline(out_dir: Path, shape: str = "sd15", seed: int = 0) -> Path:
+def build_tiny_pipeline(out_dir: Path, shape: str = "sd15", seed: int = 0, size: PipelineSize = TINY) -> Path:
     """Save a random-init (seeded, so deterministic) SD-layout pipeline folder and return its path."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -154,9 +176,9 @@ def build_tiny_pipeline(out_dir: Path, shape: str = "sd15", seed: int = 0) -> Pa
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
+            hidden_size=size.text_width,
+            intermediate_size=size.text_width * (2 if size.text_width <= 32 else 4),
+            num_hidden_layers=size.text_layers,
             num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=tokenizer.convert_tokens_to_ids(START),
@@ -164,11 +186,12 @@ def build_tiny_pipeline(out_dir: Path, shape: str = "sd15", seed: int = 0) -> Pa
             pad_token_id=tokenizer.convert_tokens_to_ids(END),
         )
     )
+    vae_factor = 2 ** (len(size.vae_channels) - 1)
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
+        vae=tiny_vae(size.vae_channels, size.image_size, size.norm_groups),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=tiny_unet(shape),
+        unet=tiny_unet(shape, size.text_width, size.unet_channels, size.image_size // vae_factor),
         scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
