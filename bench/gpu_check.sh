@@ -15,8 +15,9 @@ WHEEL_DIR=${WHEEL_DIR:-.whl}
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     version=$("$PY" -c 'import diffusers; print(diffusers.__version__)' 2>/dev/null || echo 0.42.1)
+    # importlib_metadata: a diffusers requirement the GPU image lacks (the rest are there)
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$WHEEL_DIR" \
-        "diffusers==$version"
+        "diffusers==$version" importlib_metadata
     ls -l "$WHEEL_DIR"
     exit 0
 fi

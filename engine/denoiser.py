@@ -106,7 +106,8 @@ class TiUEDenoiser(nn.Module):
     def eps(self, z_t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Model outputs for every step, [T, B, C, H, W], from one encoder and one decoder pass."""
         steps, batch = self.chain.steps, z_t.shape[0]
-        emb = time_embedding(self.unet, self.timesteps, z_t.dtype)  # [T, D]
+        # .to(): the buffer follows the module, but callers may move only the UNet to the device
+        emb = time_embedding(self.unet, self.timesteps.to(z_t.device), z_t.dtype)  # [T, D]
         enc_emb = emb[:1].expand(batch, emb.shape[1])
         mid, skips = run_encoder(self.unet, z_t, enc_emb, states)
         dec_emb = emb.unsqueeze(1).expand(steps, batch, emb.shape[1]).reshape(steps * batch, emb.shape[1])

@@ -42,7 +42,7 @@ class TorchBackend:
         self.text_encoder: nn.Module = _TextEncoder(components.text_encoder)
         self.denoiser: nn.Module = TiUEDenoiser(
             components.unet, components.chain, components.scheduler_config
-        )
+        ).to(self.device)
         self.decoder: nn.Module = _Decoder(components.vae)
         if self.device.type == "cuda":
             components.unet.to(memory_format=torch.channels_last)
