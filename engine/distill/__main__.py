@@ -33,6 +33,25 @@ def main(argv: list[str] | None = None) -> None:
         "--minutes", type=float, default=None, help="student: stop (and export) after this long"
     )
     parser.add_argument("--variant", default=None, help="student variant: vsd_kl, vsd, regress")
+    parser.add_argument(
+        "--init", default=None, help="student: start from 'teacher' or another variant's exported student"
+    )
+    parser.add_argument(
+        "--reg-weight", type=float, default=None, help="student vsd/vsd_kl: DMD regression anchor weight"
+    )
+    parser.add_argument(
+        "--fake-warmup",
+        type=int,
+        default=None,
+        help="student vsd/vsd_kl: fake-score steps before the student moves",
+    )
+    parser.add_argument(
+        "--fake-updates", type=int, default=None, help="student vsd/vsd_kl: fake-score steps per student step"
+    )
+    parser.add_argument(
+        "--eval-prompts", type=int, default=64, help="eval: held-out prompts (x 4 seeds); 64 for the table"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="student: peak learning rate")
     parser.add_argument("--out", type=Path, default=None, help="ship: the pipeline folder to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -153,7 +153,8 @@ class Generators:
         return UNet2DConditionModel.from_pretrained(str(path), local_files_only=True).eval()
 
 
-def run_eval(workdir: Path) -> dict:
+def run_eval(workdir: Path, n_prompts: int = N_PROMPTS) -> dict:
+    """The results table; `n_prompts` below the default is for smoke runs (the table uses 64)."""
     judge = load_judge(need(workdir / "judge" / "judge.safetensors", "judge"))
     g = Generators(workdir)
     rows: dict[str, Generator] = {
@@ -170,11 +171,11 @@ def run_eval(workdir: Path) -> dict:
     for v in VARIANTS:
         if (unet := g.student(v)) is not None:
             rows[names[v]] = g.one_pass(unet)
-    prompts = eval_prompts()
+    prompts = eval_prompts(n_prompts)
     seeds = list(range(N_SEEDS))
     flat_prompts = [p for p in prompts for _ in seeds]
     flat_seeds = [1000 + s for _ in prompts for s in seeds]
-    div_prompts = diversity_prompts()
+    div_prompts = diversity_prompts(min(DIVERSITY_PROMPTS, n_prompts))
     div_flat = [p for p in div_prompts for _ in range(DIVERSITY_SEEDS)]
     div_seeds = [5000 + s for _ in div_prompts for s in range(DIVERSITY_SEEDS)]
     real_scenes, real_images = make_dataset(len(flat_prompts), seed=EVAL_SEED + 3)
@@ -199,8 +200,9 @@ def run_eval(workdir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for k, (name, gen) in enumerate(tqdm(rows.items(), desc="eval")):
         images = gen(flat_prompts, flat_seeds)
-        sheet = images[: 16 * N_SEEDS].reshape(16, N_SEEDS, 64, 64, 3).transpose(1, 2, 0, 3, 4)
-        Image.fromarray(sheet.reshape(N_SEEDS * 64, 16 * 64, 3)).save(out / f"samples_{k}.png")
+        cols = min(16, n_prompts)
+        sheet = images[: cols * N_SEEDS].reshape(cols, N_SEEDS, 64, 64, 3).transpose(1, 2, 0, 3, 4)
+        Image.fromarray(sheet.reshape(N_SEEDS * 64, cols * 64, 3)).save(out / f"samples_{k}.png")
         div_images = gen(div_flat, div_seeds)
         groups = [div_images[i : i + DIVERSITY_SEEDS] for i in range(0, len(div_images), DIVERSITY_SEEDS)]
         results["rows"][name] = {

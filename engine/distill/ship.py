@@ -44,7 +44,8 @@ GRID_PROMPTS = (
 GRID_SEEDS = (0, 1, 2, 3)
 
 
-def ship(workdir: Path, variant: str, out: Path = DEFAULT_MODEL_DIR) -> Path:
+def ship(workdir: Path, variant: str, out: Path = DEFAULT_MODEL_DIR, judge_out: Path = JUDGE_PATH) -> Path:
+    """Write the variant's student as a pipeline folder at `out` and the judge at `judge_out`."""
     unet = UNet2DConditionModel.from_pretrained(
         str(need(workdir / "student" / variant / "unet", "student")), local_files_only=True
     )
@@ -67,7 +68,7 @@ def ship(workdir: Path, variant: str, out: Path = DEFAULT_MODEL_DIR) -> Path:
     (out / "distill.json").write_text(
         json.dumps({"variant": variant, "steps": 4, "guidance": "distilled (none at inference)"}, indent=2)
     )
-    shutil.copyfile(need(workdir / "judge" / "judge.safetensors", "judge"), JUDGE_PATH)
+    shutil.copyfile(need(workdir / "judge" / "judge.safetensors", "judge"), judge_out)
     log.info("shipped %s student to %s", variant, out)
     return out
 

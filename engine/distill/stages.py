@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 
 from engine.distill.tokenizer import save_tokenizer
@@ -38,24 +39,26 @@ def _judge(a: argparse.Namespace) -> None:
 
 
 def _student(a: argparse.Namespace) -> None:
-    from engine.distill.student import VARIANTS, train_student
+    from engine.distill.student import RECIPES, VARIANTS, train_student
 
+    flags = ("steps", "batch", "lr", "init", "reg_weight", "fake_warmup", "fake_updates")
+    given = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
     for variant in [a.variant] if a.variant else VARIANTS:
+        recipe = dataclasses.replace(RECIPES[variant], **given)
         train_student(
             a.workdir,
             variant,
-            steps=a.steps or 1500,
-            batch=a.batch or 32,
             seed=a.seed,
-            n_targets=a.n or 2048,
+            n_targets=a.n or 16_384,
             minutes=a.minutes,
+            **dataclasses.asdict(recipe),
         )
 
 
 def _eval(a: argparse.Namespace) -> None:
     from engine.distill.evaluate import run_eval
 
-    run_eval(a.workdir)
+    run_eval(a.workdir, a.eval_prompts)
 
 
 def _probe(a: argparse.Namespace) -> None:
@@ -65,9 +68,11 @@ def _probe(a: argparse.Namespace) -> None:
 
 
 def _ship(a: argparse.Namespace) -> None:
-    from engine.distill.ship import DEFAULT_MODEL_DIR, draw_grid, ship
+    from engine.distill.ship import DEFAULT_MODEL_DIR, JUDGE_PATH, draw_grid, ship
 
-    out = ship(a.workdir, a.variant or "vsd_kl", a.out or DEFAULT_MODEL_DIR)
+    # the package's judge is replaced only with the package's model; elsewhere it lands beside `out`
+    judge = JUDGE_PATH if a.out is None else a.out.with_name(a.out.name + "-judge.safetensors")
+    out = ship(a.workdir, a.variant or "vsd_kl", a.out or DEFAULT_MODEL_DIR, judge)
     draw_grid(out, a.workdir / "eval" / "grid.png")
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,29 @@ log = logging.getLogger(__name__)
 
 GUIDANCE = 4.5
 KL_LAMBDA = 0.1
-VARIANTS = ("vsd_kl", "vsd", "regress")
+VARIANTS = ("regress", "vsd_kl", "vsd")  # the order `student` runs them: VSD starts from regress
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A variant's defaults in `python -m engine.distill student` (each flag overrides its field)."""
+
+    steps: int
+    batch: int
+    lr: float
+    init: str = "teacher"
+    reg_weight: float = 0.0
+    fake_warmup: int = 0
+    fake_updates: int = 1
+
+
+# The one-pass student at teacher init is poor (the shared encoder must be learnt), and VSD from there
+# did not converge on this CPU budget; so VSD fine-tunes the regression student, DMD-style: regression
+# anchor, the fake score warmed up on the starting student and updated twice per student step.
+_VSD = Recipe(steps=1500, batch=16, lr=5e-5, init="regress", reg_weight=1.0, fake_warmup=400, fake_updates=2)
+RECIPES = {"regress": Recipe(steps=2200, batch=32, lr=3e-4), "vsd_kl": _VSD, "vsd": _VSD}
+WARMUP = 100  # learning-rate warm-up steps
+WARMUP_DRAWS = 10_000_000  # the fake-score warm-up draws its batches from step numbers training never reaches
 
 
 def kl_term(eps: torch.Tensor, lam: float = KL_LAMBDA) -> torch.Tensor:
@@ -100,9 +124,22 @@ def train_student(
     ema_decay: float = 0.995,
     n_targets: int = 4096,
     minutes: float | None = None,
+    init: str = "teacher",
+    reg_weight: float = 0.0,
+    fake_warmup: int = 0,
+    fake_updates: int = 1,
 ) -> Path:
+    """Train one variant; `init` is where the student starts: the teacher's weights, or another
+    variant's exported student (e.g. VSD fine-tuning the regression student). `reg_weight` > 0 adds
+    DMD's regression anchor to the VSD variants: the same one-pass output also regressed onto the
+    teacher's multi-step target for its (noise, prompt), weighted by reg_weight. The fake score takes
+    `fake_warmup` steps on the initial student's samples before the student moves (a student that
+    starts near the guided teacher would otherwise be pushed by fake = unguided teacher, i.e. guided
+    twice), then `fake_updates` steps per student step (DMD2's two time-scale rule)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if init != "teacher" and (init not in VARIANTS or init == variant):
+        raise ValueError(f"init must be 'teacher' or another variant than {variant!r}, got {init!r}")
     out = workdir / "student" / variant
     ckpt_path = out / "ckpt.pt"
     seed_all(seed)
@@ -110,10 +147,18 @@ def train_student(
     tokenizer = load_tokenizer(workdir / "tokenizer")
     sched = build_scheduler()
     student = copy.deepcopy(teacher).requires_grad_(True).train()
+    if init != "teacher":
+        start = need(workdir / "student" / init / "unet", f"student --variant {init}")
+        student.load_state_dict(UNet2DConditionModel.from_pretrained(start).state_dict())
+        log.info("student[%s] starts from %s", variant, start)
     ema = copy.deepcopy(student).requires_grad_(False)
     denoise = one_pass(student, sched.config, steps=4)
     lr = lr if lr is not None else (1e-4 if variant == "regress" else 5e-5)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    # linear warm-up, then cosine to zero at `steps` (size `steps` to the run; --minutes only cuts it)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
     fake: UNet2DConditionModel | None = None
     fake_opt = None
     if variant != "regress":
@@ -121,7 +166,8 @@ def train_student(
         fake_params = add_lora(fake, rank=16, alpha=16.0)
         fake.train()
         fake_opt = torch.optim.AdamW(fake_params, lr=fake_lr, weight_decay=0.0)
-    targets = build_targets(workdir, n=n_targets, seed=seed) if variant == "regress" else None
+    use_targets = variant == "regress" or reg_weight > 0
+    targets = build_targets(workdir, n=n_targets, seed=seed) if use_targets else None
     if targets is not None:
         tz_t, tz_0, tprompts = torch.cat(targets["z_t"]), torch.cat(targets["z_0"]), targets["prompts"]
     step = 0
@@ -129,6 +175,8 @@ def train_student(
         student.load_state_dict(ck["student"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
+        if "schedule" in ck:
+            schedule.load_state_dict(ck["schedule"])
         if fake is not None and fake_opt is not None:
             fake.load_state_dict(ck["fake"])
             fake_opt.load_state_dict(ck["fake_opt"])
@@ -136,31 +184,47 @@ def train_student(
     alphas = sched.alphas_cumprod
     with torch.no_grad():
         uncond = encode(text_encoder, tokenizer, [""])
+
+    def draw(step: int) -> tuple[list[str], torch.Tensor, torch.Tensor | None, torch.Generator]:
+        """The step's prompts and noise (from the target pool when one is used), and its generator."""
+        rng = np.random.default_rng([seed, 5, step])
+        gen = torch.Generator().manual_seed(seed * 104_729 + step)
+        if targets is not None:
+            idx = torch.from_numpy(rng.integers(0, len(tprompts), batch))
+            return [tprompts[int(i)] for i in idx], tz_t[idx], tz_0[idx], gen
+        z_t = torch.randn(batch, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=gen)
+        return _prompts(rng, batch), z_t, None, gen
+
+    if fake is not None and fake_opt is not None and step == 0 and fake_warmup > 0:
+        for k in tqdm(range(fake_warmup), desc="fake score warm-up"):
+            prompts, z_t, _, gen = draw(WARMUP_DRAWS + k)
+            with torch.no_grad():
+                states = encode(text_encoder, tokenizer, prompts)
+                z0 = denoise(z_t, states)[0]
+            _fake_step(fake, fake_opt, z0, states, alphas, gen)
     bar = tqdm(total=steps, initial=step, desc=f"student[{variant}]")
     deadline = time.monotonic() + 60 * minutes if minutes else None
     while step < steps:
         if deadline is not None and time.monotonic() > deadline:
             log.info("time budget of %.0f min reached at step %d", minutes, step)
             break
-        rng = np.random.default_rng([seed, 5, step])
-        gen = torch.Generator().manual_seed(seed * 104_729 + step)
-        if targets is not None:
-            idx = torch.from_numpy(rng.integers(0, len(tprompts), batch))
-            prompts = [tprompts[int(i)] for i in idx]
-            z_t, target = tz_t[idx], tz_0[idx]
-        else:
-            prompts = _prompts(rng, batch)
-            z_t = torch.randn(batch, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=gen)
+        prompts, z_t, target, gen = draw(step)
         with torch.no_grad():
             states = encode(text_encoder, tokenizer, prompts)
         z0, eps = denoise(z_t, states)
         logs: dict[str, float] = {}
-        if targets is not None:
+        if variant == "regress":
+            assert target is not None
             loss = F.mse_loss(z0, target)
         else:
             assert fake is not None
             loss = _vsd_loss(z0, states, uncond, teacher, fake, alphas, gen)
         logs["main"] = float(loss)
+        if variant != "regress" and reg_weight > 0:
+            assert target is not None
+            reg = F.mse_loss(z0, target)
+            loss = loss + reg_weight * reg
+            logs["reg"] = float(reg)
         if variant == "vsd_kl":
             kl = kl_term(eps)
             loss = loss + kl
@@ -169,9 +233,11 @@ def train_student(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
+        schedule.step()
         ema_update(ema, student, min(ema_decay, (1 + step) / (10 + step)))
         if fake is not None and fake_opt is not None:
-            logs["fake"] = _fake_step(fake, fake_opt, z0.detach(), states, alphas, gen)
+            for _ in range(fake_updates):
+                logs["fake"] = _fake_step(fake, fake_opt, z0.detach(), states, alphas, gen)
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
@@ -180,6 +246,7 @@ def train_student(
                 "student": student.state_dict(),
                 "ema": ema.state_dict(),
                 "opt": opt.state_dict(),
+                "schedule": schedule.state_dict(),
                 "step": step,
             }
             if fake is not None and fake_opt is not None:
