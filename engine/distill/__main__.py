@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval-prompts", type=int, default=64, help="eval: held-out prompts (x 4 seeds); 64 for the table"
     )
+    parser.add_argument(
+        "--pixel-weight", type=float, default=None, help="student: weight of the decoded-image regression"
+    )
     parser.add_argument("--lr", type=float, default=None, help="student: peak learning rate")
     parser.add_argument("--out", type=Path, default=None, help="ship: the pipeline folder to write")
     args = parser.parse_args(argv)

@@ -41,7 +41,7 @@ def _judge(a: argparse.Namespace) -> None:
 def _student(a: argparse.Namespace) -> None:
     from engine.distill.student import RECIPES, VARIANTS, train_student
 
-    flags = ("steps", "batch", "lr", "init", "reg_weight", "fake_warmup", "fake_updates")
+    flags = ("steps", "batch", "lr", "init", "reg_weight", "fake_warmup", "fake_updates", "pixel_weight")
     given = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
     for variant in [a.variant] if a.variant else VARIANTS:
         recipe = dataclasses.replace(RECIPES[variant], **given)

@@ -34,6 +34,7 @@ from engine.distill.sampling import ddim_sample
 from engine.distill.teacher import load_teacher
 from engine.distill.text import encode
 from engine.distill.tokenizer import load_tokenizer
+from engine.distill.vae import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Recipe:
     reg_weight: float = 0.0
     fake_warmup: int = 0
     fake_updates: int = 1
+    pixel_weight: float = 0.0
 
 
 # The one-pass student at teacher init is poor (the shared encoder must be learnt), and VSD from there
@@ -128,6 +130,7 @@ def train_student(
     reg_weight: float = 0.0,
     fake_warmup: int = 0,
     fake_updates: int = 1,
+    pixel_weight: float = 0.0,
 ) -> Path:
     """Train one variant; `init` is where the student starts: the teacher's weights, or another
     variant's exported student (e.g. VSD fine-tuning the regression student). `reg_weight` > 0 adds
@@ -135,7 +138,9 @@ def train_student(
     teacher's multi-step target for its (noise, prompt), weighted by reg_weight. The fake score takes
     `fake_warmup` steps on the initial student's samples before the student moves (a student that
     starts near the guided teacher would otherwise be pushed by fake = unguided teacher, i.e. guided
-    twice), then `fake_updates` steps per student step (DMD2's two time-scale rule)."""
+    twice), then `fake_updates` steps per student step (DMD2's two time-scale rule). `pixel_weight` > 0
+    adds the regression's error measured on decoded images (through the frozen VAE decoder), as DMD
+    regresses in image space: latent MSE under-weights the small hue shifts that change a colour."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if init != "teacher" and (init not in VARIANTS or init == variant):
@@ -167,6 +172,17 @@ def train_student(
         fake.train()
         fake_opt = torch.optim.AdamW(fake_params, lr=fake_lr, weight_decay=0.0)
     use_targets = variant == "regress" or reg_weight > 0
+    vae = load_vae(workdir) if pixel_weight > 0 else None
+
+    def regression(z0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.mse_loss(z0, target)
+        if vae is not None:
+            scale = 1.0 / vae.config.scaling_factor
+            with torch.no_grad():
+                want = vae.decode(target * scale).sample
+            loss = loss + pixel_weight * F.mse_loss(vae.decode(z0 * scale).sample, want)
+        return loss
+
     targets = build_targets(workdir, n=n_targets, seed=seed) if use_targets else None
     if targets is not None:
         tz_t, tz_0, tprompts = torch.cat(targets["z_t"]), torch.cat(targets["z_0"]), targets["prompts"]
@@ -215,14 +231,14 @@ def train_student(
         logs: dict[str, float] = {}
         if variant == "regress":
             assert target is not None
-            loss = F.mse_loss(z0, target)
+            loss = regression(z0, target)
         else:
             assert fake is not None
             loss = _vsd_loss(z0, states, uncond, teacher, fake, alphas, gen)
         logs["main"] = float(loss)
         if variant != "regress" and reg_weight > 0:
             assert target is not None
-            reg = F.mse_loss(z0, target)
+            reg = regression(z0, target)
             loss = loss + reg_weight * reg
             logs["reg"] = float(reg)
         if variant == "vsd_kl":

@@ -27,7 +27,7 @@ def recipe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[s
     root = tmp_path_factory.mktemp("recipe")
     work, out = root / "work", root / "model"
     common = ["--workdir", str(work), "--steps", "2", "--batch", "4", "--n", "64", "--seed", "3"]
-    common += ["--eval-prompts", "2", "--threads", "1"]
+    common += ["--eval-prompts", "2", "--threads", "1", "--fake-warmup", "2"]
     package_judge = _digest(JUDGE_PATH)
     main(["all", *common, "--out", str(out)])
     assert _digest(JUDGE_PATH) == package_judge, "a run shipping elsewhere replaced the package's judge"
