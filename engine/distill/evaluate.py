@@ -164,9 +164,9 @@ def run_eval(workdir: Path, n_prompts: int = N_PROMPTS) -> dict:
         "teacher weights run one-pass (student init)": g.one_pass(g.teacher),
     }
     names = {
-        "vsd_kl": "TiUE student: VSD + KL (paper)",
-        "vsd": "TiUE student: VSD, no KL (ablation)",
-        "regress": "TiUE student: regression baseline",
+        "regress": "TiUE student: regression onto the teacher (latent + image MSE)",
+        "vsd_kl": "TiUE student: VSD + KL (paper), from regression, anchored",
+        "vsd": "TiUE student: VSD, no KL (ablation), from regression, anchored",
     }
     for v in VARIANTS:
         if (unet := g.student(v)) is not None:

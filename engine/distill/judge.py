@@ -98,7 +98,7 @@ def train_judge(workdir: Path, steps: int, batch: int, seed: int, lr: float = 2e
         opt.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 200 == 0 or step == steps:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step})
     bar.close()

@@ -60,8 +60,9 @@ class Recipe:
 # The one-pass student at teacher init is poor (the shared encoder must be learnt), and VSD from there
 # did not converge on this CPU budget; so VSD fine-tunes the regression student, DMD-style: regression
 # anchor, the fake score warmed up on the starting student and updated twice per student step.
-_VSD = Recipe(steps=1500, batch=16, lr=5e-5, init="regress", reg_weight=1.0, fake_warmup=400, fake_updates=2)
-RECIPES = {"regress": Recipe(steps=2200, batch=32, lr=3e-4), "vsd_kl": _VSD, "vsd": _VSD}
+_VSD = Recipe(steps=2000, batch=16, lr=5e-5, init="regress", reg_weight=1.0, fake_warmup=400, fake_updates=2)
+_REGRESS = Recipe(steps=4100, batch=32, lr=1e-4, pixel_weight=2.0)
+RECIPES = {"regress": _REGRESS, "vsd_kl": _VSD, "vsd": _VSD}
 WARMUP = 100  # learning-rate warm-up steps
 WARMUP_DRAWS = 10_000_000  # the fake-score warm-up draws its batches from step numbers training never reaches
 
@@ -235,16 +236,16 @@ def train_student(
         else:
             assert fake is not None
             loss = _vsd_loss(z0, states, uncond, teacher, fake, alphas, gen)
-        logs["main"] = float(loss)
+        logs["main"] = loss.item()
         if variant != "regress" and reg_weight > 0:
             assert target is not None
             reg = regression(z0, target)
             loss = loss + reg_weight * reg
-            logs["reg"] = float(reg)
+            logs["reg"] = reg.item()
         if variant == "vsd_kl":
             kl = kl_term(eps)
             loss = loss + kl
-            logs["kl"] = float(kl)
+            logs["kl"] = kl.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -323,4 +324,4 @@ def _fake_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
