@@ -61,7 +61,7 @@ class Recipe:
 # did not converge on this CPU budget; so VSD fine-tunes the regression student, DMD-style: regression
 # anchor, the fake score warmed up on the starting student and updated twice per student step.
 _VSD = Recipe(steps=2000, batch=16, lr=5e-5, init="regress", reg_weight=1.0, fake_warmup=400, fake_updates=2)
-_REGRESS = Recipe(steps=4100, batch=32, lr=1e-4, pixel_weight=2.0)
+_REGRESS = Recipe(steps=5200, batch=32, lr=1e-4, pixel_weight=2.0)
 RECIPES = {"regress": _REGRESS, "vsd_kl": _VSD, "vsd": _VSD}
 WARMUP = 100  # learning-rate warm-up steps
 WARMUP_DRAWS = 10_000_000  # the fake-score warm-up draws its batches from step numbers training never reaches
