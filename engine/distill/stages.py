@@ -39,10 +39,10 @@ def _judge(a: argparse.Namespace) -> None:
 
 
 def _student(a: argparse.Namespace) -> None:
-    from engine.distill.student import RECIPES, VARIANTS, train_student
+    from engine.distill.student import RECIPES, VARIANTS, Recipe, train_student
 
-    flags = ("steps", "batch", "lr", "init", "reg_weight", "fake_warmup", "fake_updates", "pixel_weight")
-    given = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
+    fields = (f.name for f in dataclasses.fields(Recipe))  # each has a flag of the same name
+    given = {k: v for k in fields if (v := getattr(a, k)) is not None}
     for variant in [a.variant] if a.variant else VARIANTS:
         recipe = dataclasses.replace(RECIPES[variant], **given)
         train_student(
@@ -72,7 +72,7 @@ def _ship(a: argparse.Namespace) -> None:
 
     # the package's judge is replaced only with the package's model; elsewhere it lands beside `out`
     judge = JUDGE_PATH if a.out is None else a.out.with_name(a.out.name + "-judge.safetensors")
-    out = ship(a.workdir, a.variant or "vsd_kl", a.out or DEFAULT_MODEL_DIR, judge)
+    out = ship(a.workdir, a.variant or "regress", a.out or DEFAULT_MODEL_DIR, judge)
     draw_grid(out, a.workdir / "eval" / "grid.png")
 
 
