@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pixel-weight", type=float, default=None, help="student: weight of the decoded-image regression"
     )
+    parser.add_argument(
+        "--edge-weight",
+        type=float,
+        default=None,
+        help="student: weight the image regression up on the target's edges (0: plain MSE)",
+    )
     parser.add_argument("--lr", type=float, default=None, help="student: peak learning rate")
     parser.add_argument("--out", type=Path, default=None, help="ship: the pipeline folder to write")
     args = parser.parse_args(argv)

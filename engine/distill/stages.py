@@ -39,19 +39,33 @@ def _judge(a: argparse.Namespace) -> None:
 
 
 def _student(a: argparse.Namespace) -> None:
-    from engine.distill.student import RECIPES, VARIANTS, Recipe, train_student
+    from engine.distill.student import RECIPES, VARIANTS, Cycle, Recipe, train_student
 
-    fields = (f.name for f in dataclasses.fields(Recipe))  # each has a flag of the same name
+    fields = [f.name for f in dataclasses.fields(Recipe) if f.name != "cycles"]  # a flag each
     given = {k: v for k in fields if (v := getattr(a, k)) is not None}
     for variant in [a.variant] if a.variant else VARIANTS:
         recipe = dataclasses.replace(RECIPES[variant], **given)
+        if any(v is not None for v in (a.steps, a.lr, a.pixel_weight, a.edge_weight)):
+            first, last = recipe.cycles[0], recipe.cycles[-1]
+            one = Cycle(
+                steps=a.steps if a.steps is not None else recipe.steps,
+                lr=a.lr if a.lr is not None else first.lr,
+                pixel_weight=a.pixel_weight if a.pixel_weight is not None else last.pixel_weight,
+                edge_weight=a.edge_weight if a.edge_weight is not None else last.edge_weight,
+            )
+            recipe = dataclasses.replace(recipe, cycles=(one,))
         train_student(
             a.workdir,
             variant,
             seed=a.seed,
             n_targets=a.n or 16_384,
             minutes=a.minutes,
-            **dataclasses.asdict(recipe),
+            cycles=recipe.cycles,
+            batch=recipe.batch,
+            init=recipe.init,
+            reg_weight=recipe.reg_weight,
+            fake_warmup=recipe.fake_warmup,
+            fake_updates=recipe.fake_updates,
         )
 
 
