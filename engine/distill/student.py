@@ -94,12 +94,14 @@ _VSD = Recipe(
     cycles=(Cycle(2000, 5e-5),), batch=16, init="regress", reg_weight=1.0, fake_warmup=400, fake_updates=2
 )
 # The shipped regression student's chain (docs/distill.md): latent MSE, then the decoded-image term,
-# then a warm restart with the image term weighted up.
+# then two warm restarts: the image term weighted up, then weighted up on the targets' edges (small
+# shapes' outlines, where the student's remaining shape errors were).
 _REGRESS = Recipe(
     cycles=(
         Cycle(2600, 1e-4),
         Cycle(1200, 1e-4, pixel_weight=2.0),
         Cycle(1400, 4e-5, pixel_weight=8.0),
+        Cycle(4000, 6e-5, pixel_weight=2.0, edge_weight=3.0),
     ),
     batch=32,
 )
