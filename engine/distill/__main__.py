@@ -49,7 +49,16 @@ def main(argv: list[str] | None = None) -> None:
         "--fake-updates", type=int, default=None, help="student vsd/vsd_kl: fake-score steps per student step"
     )
     parser.add_argument(
-        "--eval-prompts", type=int, default=64, help="eval: held-out prompts (x 4 seeds); 64 for the table"
+        "--eval-prompts",
+        type=int,
+        default=None,
+        help="eval: fewer held-out prompts than the split's (smoke runs)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="eval: 'test' (64 prompts x 4 seeds) makes the table; 'val' (256 x 2) is for choosing students",
     )
     parser.add_argument(
         "--pixel-weight", type=float, default=None, help="student: weight of the decoded-image regression"

@@ -1,5 +1,6 @@
 """Stage `eval`: the judge's attribute accuracy and the seed diversity of every generator on a
-fixed set of held-out prompts x seeds, beside the real data; writes results.json and table.md."""
+fixed set of held-out prompts x seeds, beside the real data; writes results.json and table.md
+(`--split val`: results_val.json and table_val.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +45,27 @@ DIVERSITY_PROMPTS, DIVERSITY_SEEDS = 12, 8
 Generator = Callable[[list[str], list[int]], np.ndarray]
 
 
-def eval_prompts(n: int = N_PROMPTS) -> list[str]:
-    """Full captions (all five attributes pinned) of scenes drawn from the held-out seed."""
-    rng = np.random.default_rng(EVAL_SEED)
+@dataclass(frozen=True)
+class Split:
+    """A fixed set of held-out prompts x seeds. `test` makes the table; `val` (other prompts, other
+    noise) is for choosing between students, so that the table is not what a choice was tuned on."""
+
+    scene_seed: int
+    prompts: int
+    seeds: int
+    noise_base: int
+    suffix: str
+
+
+SPLITS = {
+    "test": Split(EVAL_SEED, N_PROMPTS, N_SEEDS, 1000, ""),
+    "val": Split(EVAL_SEED + 77, 256, 2, 9000, "_val"),
+}
+
+
+def eval_prompts(n: int = N_PROMPTS, seed: int = EVAL_SEED) -> list[str]:
+    """Full captions (all five attributes pinned) of scenes drawn from a held-out seed."""
+    rng = np.random.default_rng(seed)
     return [sample_scene(rng).caption() for _ in range(n)]
 
 
@@ -153,8 +173,10 @@ class Generators:
         return UNet2DConditionModel.from_pretrained(str(path), local_files_only=True).eval()
 
 
-def run_eval(workdir: Path, n_prompts: int = N_PROMPTS) -> dict:
-    """The results table; `n_prompts` below the default is for smoke runs (the table uses 64)."""
+def run_eval(workdir: Path, n_prompts: int | None = None, split: str = "test") -> dict:
+    """The results table on one split; `n_prompts` below the split's is for smoke runs."""
+    chosen = SPLITS[split]
+    n_prompts = n_prompts or chosen.prompts
     judge = load_judge(need(workdir / "judge" / "judge.safetensors", "judge"))
     g = Generators(workdir)
     rows: dict[str, Generator] = {
@@ -171,10 +193,10 @@ def run_eval(workdir: Path, n_prompts: int = N_PROMPTS) -> dict:
     for v in VARIANTS:
         if (unet := g.student(v)) is not None:
             rows[names[v]] = g.one_pass(unet)
-    prompts = eval_prompts(n_prompts)
-    seeds = list(range(N_SEEDS))
+    prompts = eval_prompts(n_prompts, chosen.scene_seed)
+    seeds = list(range(chosen.seeds))
     flat_prompts = [p for p in prompts for _ in seeds]
-    flat_seeds = [1000 + s for _ in prompts for s in seeds]
+    flat_seeds = [chosen.noise_base + s for _ in prompts for s in seeds]
     div_prompts = diversity_prompts(min(DIVERSITY_PROMPTS, n_prompts))
     div_flat = [p for p in div_prompts for _ in range(DIVERSITY_SEEDS)]
     div_seeds = [5000 + s for _ in div_prompts for s in range(DIVERSITY_SEEDS)]
@@ -200,9 +222,10 @@ def run_eval(workdir: Path, n_prompts: int = N_PROMPTS) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for k, (name, gen) in enumerate(tqdm(rows.items(), desc="eval")):
         images = gen(flat_prompts, flat_seeds)
-        cols = min(16, n_prompts)
-        sheet = images[: cols * N_SEEDS].reshape(cols, N_SEEDS, 64, 64, 3).transpose(1, 2, 0, 3, 4)
-        Image.fromarray(sheet.reshape(N_SEEDS * 64, cols * 64, 3)).save(out / f"samples_{k}.png")
+        cols, per_prompt = min(16, n_prompts), chosen.seeds
+        sheet = images[: cols * per_prompt].reshape(cols, per_prompt, 64, 64, 3).transpose(1, 2, 0, 3, 4)
+        sheet_path = out / f"samples{chosen.suffix}_{k}.png"
+        Image.fromarray(sheet.reshape(per_prompt * 64, cols * 64, 3)).save(sheet_path)
         div_images = gen(div_flat, div_seeds)
         groups = [div_images[i : i + DIVERSITY_SEEDS] for i in range(0, len(div_images), DIVERSITY_SEEDS)]
         results["rows"][name] = {
@@ -210,8 +233,8 @@ def run_eval(workdir: Path, n_prompts: int = N_PROMPTS) -> dict:
             "diversity": diversity(judge, groups),
         }
         log.info("%s: %s", name, results["rows"][name])
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "table.md").write_text(markdown_table(results))
+    (out / f"results{chosen.suffix}.json").write_text(json.dumps(results, indent=2))
+    (out / f"table{chosen.suffix}.md").write_text(markdown_table(results))
     return results
 
 

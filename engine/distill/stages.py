@@ -72,7 +72,7 @@ def _student(a: argparse.Namespace) -> None:
 def _eval(a: argparse.Namespace) -> None:
     from engine.distill.evaluate import run_eval
 
-    run_eval(a.workdir, a.eval_prompts)
+    run_eval(a.workdir, a.eval_prompts, a.split)
 
 
 def _probe(a: argparse.Namespace) -> None:
