@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distill.__main__ import main
 from engine.distill.ship import JUDGE_PATH
+from engine.distill.student import Cycle, train_student
 from engine.pipeline import load_pipeline
 from engine.types import GenerationRequest
 
@@ -64,3 +66,15 @@ def test_rerun_resumes_from_the_checkpoint(
         main(["student", *common, "--variant", "regress", "--steps", "3"])
     assert any("resuming from" in r.getMessage() for r in caplog.records)
     assert torch.load(ckpt, weights_only=False)["step"] == 3  # one more step, not three from scratch
+
+
+def test_learning_rate_cycles_run_in_order(recipe: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
+    work, _, _ = recipe
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("ckpt.pt", "eval"))
+    cycles = (Cycle(2, 1e-4), Cycle(2, 3e-5, pixel_weight=1.0, edge_weight=2.0))
+    train_student(copy, "regress", cycles=cycles, batch=4, seed=3, n_targets=64)
+    ckpt = torch.load(copy / "student" / "regress" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    # the last step (global 3) ran in the second cycle, at its own rate: a restart, not one long anneal
+    assert ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(cycles[1].lr_at(1))
