@@ -19,19 +19,19 @@ from engine.schedule import DDIMChain
 OnePassFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class _WithEps(nn.Module):
+class OnePassWithEps(nn.Module):
     """(z_T, states) -> (z_0, eps [T, B, C, H, W]): the KL term needs every step's prediction."""
 
     def __init__(self, denoiser: TiUEDenoiser) -> None:
         super().__init__()
-        self.denoiser = denoiser
+        self.denoiser: TiUEDenoiser = denoiser
 
     def forward(self, z_t: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z0, eps = self.denoiser(z_t, states, return_eps=True)
         return z0, eps
 
 
-def one_pass(unet: UNet2DConditionModel, scheduler_config: dict, steps: int = 4) -> nn.Module:
+def one_pass(unet: UNet2DConditionModel, scheduler_config: dict, steps: int = 4) -> OnePassWithEps:
     chain = DDIMChain.from_scheduler_config(dict(scheduler_config), steps)
     chain.require_linear("training the one-pass student")
-    return _WithEps(TiUEDenoiser(unet, chain))
+    return OnePassWithEps(TiUEDenoiser(unet, chain))
