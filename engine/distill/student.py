@@ -189,12 +189,12 @@ def train_student(
     teacher's multi-step target for its (noise, prompt), weighted by reg_weight. The fake score takes
     `fake_warmup` steps on the initial student's samples before the student moves (a student that
     starts near the guided teacher would otherwise be pushed by fake = unguided teacher, i.e. guided
-    twice), then `fake_updates` steps per student step (DMD2's two time-scale rule). Each cycle sets
-    the learning rate and the regression's weights; its `pixel_weight` > 0 adds the regression's error measured on decoded images (through the frozen VAE decoder), as DMD
-    regresses in image space: latent MSE under-weights the small hue shifts that change a colour.
-    Its `edge_weight` > 0 weights that image error up where the target image has edges (`edge_weights`):
-    a small shape's outline is a few pixels of a 64x64 image, yet it is what tells a circle from a
-    square."""
+    twice), then `fake_updates` steps per student step (DMD2's two time-scale rule).
+    Each cycle sets the learning rate and the regression's weights: `pixel_weight` > 0 adds the error
+    on decoded images (through the frozen VAE decoder), as DMD regresses in image space, since latent
+    MSE under-weights the small hue shifts that change a colour; `edge_weight` > 0 weights that error
+    up on the target's edges (`edge_weights`), since a small shape's outline is a few pixels of a 64x64
+    image, yet it is what tells a circle from a square."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if init != "teacher" and (init not in VARIANTS or init == variant):
@@ -212,7 +212,7 @@ def train_student(
         log.info("student[%s] starts from %s", variant, start)
     ema = copy.deepcopy(student).requires_grad_(False)
     denoise = one_pass(student, sched.config, steps=4)
-    steps = sum(c.steps for c in cycles)
+    steps = sum(c.steps for c in cycles)  # --minutes may cut it short
     opt = torch.optim.AdamW(student.parameters(), lr=cycles[0].lr, weight_decay=0.0)
     fake: UNet2DConditionModel | None = None
     fake_opt = None
