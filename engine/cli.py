@@ -91,20 +91,3 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"  {'total':<12} {total * 1000:9.1f} ms")
     print(f"wrote {args.out} ({width}x{height}, seed {seed})")
     return 0
-
-
-def add_distill_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "distill",
-        help="reproduce the embedded default model (stages of python -m engine.distill)",
-        add_help=False,
-    )
-    p.add_argument("distill_args", nargs=argparse.REMAINDER, help="arguments of python -m engine.distill")
-    p.set_defaults(handler=run_distill)
-
-
-def run_distill(args: argparse.Namespace) -> int:
-    from engine.distill.__main__ import main as distill_main
-
-    distill_main(args.distill_args)
-    return 0

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.cli import add_distill_parser, add_generate_parser
+from engine.cli import add_generate_parser
 from engine.export.cli import add_build_engines_parser, add_export_parser
 
 if TYPE_CHECKING:
@@ -72,7 +72,6 @@ _REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_generate_parser,
     add_export_parser,
     add_build_engines_parser,
-    add_distill_parser,
 )
 
 
@@ -86,11 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "distill":  # distill passes its options through to its own parser
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if unknown:
-        args.distill_args = unknown + args.distill_args
+    args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
 
