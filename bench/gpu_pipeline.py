@@ -47,9 +47,9 @@ class Report:
 
 
 def default_model(report: Report, n_prompts: int, device: str) -> None:
-    from engine.distill.evaluate import accuracy, eval_prompts
-    from engine.distill.judge import load_judge
-    from engine.distill.ship import JUDGE_PATH
+    from distill.evaluate import accuracy, eval_prompts
+    from distill.judge import load_judge
+    from distill.ship import JUDGE_PATH
 
     prompts = eval_prompts(n_prompts)
     requests = [GenerationRequest(p, s, 64, 64) for p in prompts for s in (0, 1)]

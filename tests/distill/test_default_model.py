@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.distill.domain import ATTRIBUTES, CLASSES, WORDS, specified
-from engine.distill.ship import DEFAULT_MODEL_DIR, JUDGE_PATH
+from distill.domain import ATTRIBUTES, CLASSES, WORDS, specified
+from distill.ship import JUDGE_PATH
+
+DEFAULT_MODEL_DIR = (
+    Path(__file__).resolve().parents[2] / "engine" / "default_model"
+)  # where ship --out puts it
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="no distilled default model shipped yet"
@@ -72,8 +76,8 @@ def test_engine_loads_it_as_the_default() -> None:
 
 def test_judge_reads_what_the_prompt_asks_for() -> None:
     pipeline_mod = pytest.importorskip("engine.pipeline")
+    from distill.judge import load_judge
     from engine.config import EngineConfig
-    from engine.distill.judge import load_judge
     from engine.types import GenerationRequest
 
     pipe = pipeline_mod.load_pipeline(EngineConfig(model_dir=DEFAULT_MODEL_DIR))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from engine.distill.lora import add_lora
-from engine.distill.models import build_scheduler
-from engine.distill.onepass import one_pass
-from engine.distill.student import kl_term
+from distill.lora import add_lora
+from distill.models import build_scheduler
+from distill.onepass import one_pass
+from distill.student import kl_term
 
 
 def test_kl_is_zero_for_standard_normal_statistics() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.distill.domain import (
+from distill.domain import (
     ATTRIBUTES,
     COLORS,
     WORDS,
@@ -13,7 +13,7 @@ from engine.distill.domain import (
     specified,
     training_caption,
 )
-from engine.distill.tokenizer import build_vocab
+from distill.tokenizer import build_vocab
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.distill.evaluate import SPLITS, eval_prompts
+from distill.evaluate import SPLITS, eval_prompts
 
 
 def test_val_and_test_share_no_noise_and_few_prompts() -> None:

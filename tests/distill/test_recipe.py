@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill.__main__ import main
+from distill.ship import JUDGE_PATH
+from distill.student import Cycle, train_student
 from engine.config import EngineConfig
-from engine.distill.__main__ import main
-from engine.distill.ship import JUDGE_PATH
-from engine.distill.student import Cycle, train_student
 from engine.pipeline import load_pipeline
 from engine.types import GenerationRequest
 

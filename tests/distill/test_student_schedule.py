@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.distill.student import RECIPES, WARMUP, Cycle, cycle_at, edge_weights
+from distill.student import RECIPES, WARMUP, Cycle, cycle_at, edge_weights
 
 
 def test_a_cycle_warms_up_peaks_and_anneals_to_zero() -> None:

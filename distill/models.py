@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from engine.distill.tokenizer import MAX_LENGTH
+from distill.tokenizer import MAX_LENGTH
 
 LATENT_CHANNELS = 4
 LATENT_SIZE = 8  # 64 px / 8

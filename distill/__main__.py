@@ -1,4 +1,4 @@
-"""`python -m engine.distill <stage>`: each stage reads the previous stages' outputs from --workdir
+"""`python -m distill <stage>`: each stage reads the previous stages' outputs from --workdir
 and resumes from its own checkpoint when rerun."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from engine.distill import stages
+from distill import stages
 
-log = logging.getLogger("engine.distill")
+log = logging.getLogger("distill")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.distill", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     parser.add_argument(
         "stage", choices=sorted(stages.STAGES), help="which stage to run ('all' runs them in order)"
     )
@@ -70,8 +70,15 @@ def main(argv: list[str] | None = None) -> None:
         help="student: weight the image regression up on the target's edges (0: plain MSE)",
     )
     parser.add_argument("--lr", type=float, default=None, help="student: peak learning rate")
-    parser.add_argument("--out", type=Path, default=None, help="ship: the pipeline folder to write")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="ship (and all): the pipeline folder to write; required"
+    )
+    parser.add_argument(
+        "--judge-out", type=Path, default=None, help="ship: the judge file (default: <out>-judge.safetensors)"
+    )
     args = parser.parse_args(argv)
+    if args.stage in ("ship", "all") and args.out is None:
+        parser.error(f"{args.stage} writes the model only where --out says, e.g. --out engine/default_model")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

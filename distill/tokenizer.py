@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from engine.distill.domain import WORDS
+from distill.domain import WORDS
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 16  # the longest domain caption is 13 tokens with BOS/EOS

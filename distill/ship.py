@@ -13,20 +13,18 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw
 
-from engine.distill.common import need
-from engine.distill.models import build_scheduler
-from engine.distill.onepass import one_pass
-from engine.distill.sampling import decode, initial_noise
-from engine.distill.teacher import load_teacher
-from engine.distill.text import encode
-from engine.distill.tokenizer import load_tokenizer
-from engine.distill.vae import load_vae
+from distill.common import need
+from distill.models import build_scheduler
+from distill.onepass import one_pass
+from distill.sampling import decode, initial_noise
+from distill.teacher import load_teacher
+from distill.text import encode
+from distill.tokenizer import load_tokenizer
+from distill.vae import load_vae
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_DIR = PACKAGE_DIR.parent / "default_model"
-JUDGE_PATH = PACKAGE_DIR / "judge.safetensors"
+JUDGE_PATH = Path(__file__).resolve().parent / "judge.safetensors"  # the judge of the shipped model
 GRID_PROMPTS = (
     "a red circle on a blue background",
     "a yellow square on a black background",
@@ -44,8 +42,14 @@ GRID_PROMPTS = (
 GRID_SEEDS = (0, 1, 2, 3)
 
 
-def ship(workdir: Path, variant: str, out: Path = DEFAULT_MODEL_DIR, judge_out: Path = JUDGE_PATH) -> Path:
-    """Write the variant's student as a pipeline folder at `out` and the judge at `judge_out`."""
+def judge_beside(out: Path) -> Path:
+    """Where the judge goes when only the model folder is named: `<out>-judge.safetensors`."""
+    return out.with_name(out.name + "-judge.safetensors")
+
+
+def ship(workdir: Path, variant: str, out: Path, judge_out: Path) -> Path:
+    """Write the variant's student as a pipeline folder at `out` and the judge at `judge_out`: only
+    where the caller says, never into an installed package."""
     unet = UNet2DConditionModel.from_pretrained(
         str(need(workdir / "student" / variant / "unet", "student")), local_files_only=True
     )
@@ -68,6 +72,7 @@ def ship(workdir: Path, variant: str, out: Path = DEFAULT_MODEL_DIR, judge_out: 
     (out / "distill.json").write_text(
         json.dumps({"variant": variant, "steps": 4, "guidance": "distilled (none at inference)"}, indent=2)
     )
+    judge_out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(need(workdir / "judge" / "judge.safetensors", "judge"), judge_out)
     log.info("shipped %s student to %s", variant, out)
     return out

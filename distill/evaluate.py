@@ -17,8 +17,8 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from tqdm import tqdm
 
-from engine.distill.common import need, to_unit
-from engine.distill.domain import (
+from distill.common import need, to_unit
+from distill.domain import (
     ATTRIBUTES,
     CLASSES,
     Scene,
@@ -27,15 +27,15 @@ from engine.distill.domain import (
     sample_scene,
     specified,
 )
-from engine.distill.judge import Judge, heldout_accuracy, load_judge
-from engine.distill.models import build_scheduler
-from engine.distill.onepass import one_pass
-from engine.distill.sampling import ddim_sample, decode, initial_noise
-from engine.distill.student import GUIDANCE, VARIANTS
-from engine.distill.teacher import load_teacher
-from engine.distill.text import encode
-from engine.distill.tokenizer import load_tokenizer
-from engine.distill.vae import load_vae
+from distill.judge import Judge, heldout_accuracy, load_judge
+from distill.models import build_scheduler
+from distill.onepass import one_pass
+from distill.sampling import ddim_sample, decode, initial_noise
+from distill.student import GUIDANCE, VARIANTS
+from distill.teacher import load_teacher
+from distill.text import encode
+from distill.tokenizer import load_tokenizer
+from distill.vae import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def markdown_table(results: dict) -> str:
 
 def probe_teacher(workdir: Path, n: int = 64) -> dict[str, float]:
     """Judge accuracy of the latest teacher checkpoint (25-step DDIM, CFG 4.5), to size training."""
-    from engine.distill.teacher import export_teacher
+    from distill.teacher import export_teacher
 
     export_teacher(workdir)
     judge = load_judge(need(workdir / "judge" / "judge.safetensors", "judge"))

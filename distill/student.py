@@ -26,16 +26,16 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
-from engine.distill.common import ema_update, load_checkpoint, need, save_checkpoint, seed_all
-from engine.distill.domain import sample_scene, training_caption
-from engine.distill.lora import add_lora
-from engine.distill.models import LATENT_CHANNELS, LATENT_SIZE, build_scheduler
-from engine.distill.onepass import one_pass
-from engine.distill.sampling import ddim_sample
-from engine.distill.teacher import load_teacher
-from engine.distill.text import encode
-from engine.distill.tokenizer import load_tokenizer
-from engine.distill.vae import load_vae
+from distill.common import ema_update, load_checkpoint, need, save_checkpoint, seed_all
+from distill.domain import sample_scene, training_caption
+from distill.lora import add_lora
+from distill.models import LATENT_CHANNELS, LATENT_SIZE, build_scheduler
+from distill.onepass import one_pass
+from distill.sampling import ddim_sample
+from distill.teacher import load_teacher
+from distill.text import encode
+from distill.tokenizer import load_tokenizer
+from distill.vae import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def cycle_at(cycles: Sequence[Cycle], step: int) -> tuple[Cycle, int]:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A variant's defaults in `python -m engine.distill student`. The flags --steps, --lr,
+    """A variant's defaults in `python -m distill student`. The flags --steps, --lr,
     --pixel-weight and --edge-weight replace the cycles with one cycle; the other flags replace the
     field of the same name."""
 

@@ -10,9 +10,9 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from engine.distill.common import load_checkpoint, save_checkpoint, seed_all, to_unit
-from engine.distill.domain import label_array, make_dataset
-from engine.distill.models import build_vae
+from distill.common import load_checkpoint, save_checkpoint, seed_all, to_unit
+from distill.domain import label_array, make_dataset
+from distill.models import build_vae
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from collections.abc import Callable
 
-from engine.distill.tokenizer import save_tokenizer
+from distill.tokenizer import save_tokenizer
 
 
 def _data(a: argparse.Namespace) -> None:
@@ -14,32 +14,32 @@ def _data(a: argparse.Namespace) -> None:
 
 
 def _vae(a: argparse.Namespace) -> None:
-    from engine.distill.vae import encode_cache, train_vae
+    from distill.vae import encode_cache, train_vae
 
     train_vae(a.workdir, steps=a.steps or 1500, batch=a.batch or 32, seed=a.seed)
     encode_cache(a.workdir, n=a.n or 30_000, seed=a.seed)
 
 
 def _decoder(a: argparse.Namespace) -> None:
-    from engine.distill.vae import finetune_decoder
+    from distill.vae import finetune_decoder
 
     finetune_decoder(a.workdir, steps=a.steps or 1500, batch=a.batch or 32, seed=a.seed)
 
 
 def _teacher(a: argparse.Namespace) -> None:
-    from engine.distill.teacher import train_teacher
+    from distill.teacher import train_teacher
 
     train_teacher(a.workdir, steps=a.steps or 6500, batch=a.batch or 32, seed=a.seed)
 
 
 def _judge(a: argparse.Namespace) -> None:
-    from engine.distill.judge import train_judge
+    from distill.judge import train_judge
 
     train_judge(a.workdir, steps=a.steps or 1500, batch=a.batch or 64, seed=a.seed)
 
 
 def _student(a: argparse.Namespace) -> None:
-    from engine.distill.student import RECIPES, VARIANTS, Cycle, Recipe, train_student
+    from distill.student import RECIPES, VARIANTS, Cycle, Recipe, train_student
 
     fields = [f.name for f in dataclasses.fields(Recipe) if f.name != "cycles"]  # a flag each
     given = {k: v for k in fields if (v := getattr(a, k)) is not None}
@@ -70,23 +70,21 @@ def _student(a: argparse.Namespace) -> None:
 
 
 def _eval(a: argparse.Namespace) -> None:
-    from engine.distill.evaluate import run_eval
+    from distill.evaluate import run_eval
 
     run_eval(a.workdir, a.eval_prompts, a.split)
 
 
 def _probe(a: argparse.Namespace) -> None:
-    from engine.distill.evaluate import probe_teacher
+    from distill.evaluate import probe_teacher
 
     probe_teacher(a.workdir)
 
 
 def _ship(a: argparse.Namespace) -> None:
-    from engine.distill.ship import DEFAULT_MODEL_DIR, JUDGE_PATH, draw_grid, ship
+    from distill.ship import draw_grid, judge_beside, ship
 
-    # the package's judge is replaced only with the package's model; elsewhere it lands beside `out`
-    judge = JUDGE_PATH if a.out is None else a.out.with_name(a.out.name + "-judge.safetensors")
-    out = ship(a.workdir, a.variant or "regress", a.out or DEFAULT_MODEL_DIR, judge)
+    out = ship(a.workdir, a.variant or "regress", a.out, a.judge_out or judge_beside(a.out))
     draw_grid(out, a.workdir / "eval" / "grid.png")
 
 

@@ -55,5 +55,5 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def need(path: Path, stage: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m engine.distill {stage}` first")
+        raise FileNotFoundError(f"{path} is missing: run `python -m distill {stage}` first")
     return path

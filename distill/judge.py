@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from engine.distill.common import load_checkpoint, save_checkpoint, seed_all, to_unit
-from engine.distill.domain import ATTRIBUTES, CLASSES, label_array, make_dataset
+from distill.common import load_checkpoint, save_checkpoint, seed_all, to_unit
+from distill.domain import ATTRIBUTES, CLASSES, label_array, make_dataset
 
 log = logging.getLogger(__name__)
 

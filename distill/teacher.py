@@ -13,11 +13,11 @@ from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextModel
 
-from engine.distill.common import ema_update, load_checkpoint, need, save_checkpoint, seed_all
-from engine.distill.domain import scene_from_labels, training_caption
-from engine.distill.models import build_scheduler, build_text_encoder, build_unet
-from engine.distill.text import token_ids
-from engine.distill.tokenizer import load_tokenizer
+from distill.common import ema_update, load_checkpoint, need, save_checkpoint, seed_all
+from distill.domain import scene_from_labels, training_caption
+from distill.models import build_scheduler, build_text_encoder, build_unet
+from distill.text import token_ids
+from distill.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
