@@ -36,8 +36,8 @@ from engine.export.onnx_export import export_component  # noqa: E402
 from engine.export.profiles import ModelDims, Profile, Range  # noqa: E402
 from engine.loading import Components  # noqa: E402
 from engine.schedule import DDIMChain  # noqa: E402
-from engine.tiny_model import SD_SCHEDULER  # noqa: E402
 from engine.types import Precision  # noqa: E402
+from tests.support.tiny_model import SD_SCHEDULER  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 

@@ -83,7 +83,7 @@ def build_sd21_sized(out: Path, device: str, smoke: bool) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from bench.gpu_check import SD21_BASE_UNET, SMOKE_UNET
-    from engine.tiny_model import END, SD_SCHEDULER, START, make_tokenizer
+    from tests.support.tiny_model import END, SD_SCHEDULER, START, make_tokenizer
 
     text = SMOKE_TEXT if smoke else SD21_TEXT
     tokenizer = make_tokenizer()

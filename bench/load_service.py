@@ -259,7 +259,7 @@ def _timings(response: Any, raw: bool) -> dict[str, float]:
 
 def build_mid(out_dir: Path) -> Path:
     """A mid-size random-init SD1.5-layout pipeline (40M-parameter UNet, 256 px), for CPU-sized runs."""
-    from engine.tiny_model import MID_256, build_tiny_pipeline
+    from tests.support.tiny_model import MID_256, build_tiny_pipeline
 
     return build_tiny_pipeline(out_dir, "sd15", seed=0, size=MID_256)
 
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch_threads": args.torch_threads,
     }
     if args.engine == "tiny":
-        from engine.tiny_model import build_tiny_pipeline
+        from tests.support.tiny_model import build_tiny_pipeline
 
         cfg["model_dir"] = str(
             build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="tiue-bench-")), "sd15", seed=0)

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.denoiser import TiUEDenoiser
-from engine.schedule import DDIMChain
-from engine.tiny_model import SD_SCHEDULER
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.denoiser import TiUEDenoiser  # noqa: E402
+from engine.schedule import DDIMChain  # noqa: E402
+from tests.support.tiny_model import SD_SCHEDULER  # noqa: E402
 
 UNETS = {
     # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape compute)

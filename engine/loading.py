@@ -16,7 +16,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from engine.denoiser import check_unet_supported
 from engine.errors import ModelLoadError
 from engine.schedule import DDIMChain
-from engine.tiny_model import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,6 @@ COMPONENTS = {
     "scheduler": "scheduler_config.json",
 }
 SHIPPED_DEFAULT = Path(__file__).parent / "default_model"
-TINY_DEFAULT_VERSION = "tiny-sd15-seed0-v1"
 
 
 @dataclass
@@ -53,16 +51,8 @@ def cache_root() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The shipped distilled default when present; else a small deterministic model built once."""
-    if (SHIPPED_DEFAULT / "model_index.json").is_file():
-        return SHIPPED_DEFAULT
-    path = cache_root() / TINY_DEFAULT_VERSION
-    if not (path / "model_index.json").is_file():
-        log.info("building the embedded default model at %s", path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny_pipeline(tmp, "sd15", seed=0)
-        tmp.replace(path)
-    return path
+    """The distilled default model shipped inside the package (loading checks it is all there)."""
+    return SHIPPED_DEFAULT
 
 
 def check_model_dir(path: Path) -> None:
@@ -86,6 +76,11 @@ def load_components(
     model_dir: Path | None, dtype: torch.dtype, device: str | torch.device, steps: int
 ) -> Components:
     path = Path(model_dir) if model_dir is not None else default_model_dir()
+    if model_dir is None and not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the embedded default model is missing from this installation ({path}); "
+            "pass --model or set TIUE_MODEL_DIR to a diffusers pipeline folder"
+        )
     check_model_dir(path)
     kw: dict[str, Any] = {"local_files_only": True}
     try:
@@ -107,5 +102,5 @@ def load_components(
         )
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
-    name = "default" if path == SHIPPED_DEFAULT or path.name == TINY_DEFAULT_VERSION else path.name
+    name = "default" if path == SHIPPED_DEFAULT else path.name
     return Components(name, path, unet, vae, text_encoder, tokenizer, scheduler_config, chain)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.tiny_model import build_tiny_pipeline
+from tests.support.tiny_model import build_tiny_pipeline
 
 # One intra-op thread: the tiny models gain nothing from more, and OpenMP threads that spin-wait
 # collapse (seconds per image instead of milliseconds) when a server subprocess shares the cores.

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from engine.denoiser import TiUEDenoiser, run_decoder, run_encoder, time_embedding
 from engine.schedule import DDIMChain
-from engine.tiny_model import SD_SCHEDULER
+from tests.support.tiny_model import SD_SCHEDULER
 
 
 @pytest.fixture(scope="module")

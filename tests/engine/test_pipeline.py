@@ -127,6 +127,16 @@ def test_embedded_default_loads_without_configuration() -> None:
     assert pipe.generate([_req("a red circle", 0, size=size)]).images[0].pixels.shape == (size, size, 3)
 
 
+def test_a_missing_embedded_default_says_what_to_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("engine.loading.SHIPPED_DEFAULT", tmp_path / "default_model")
+    with pytest.raises(ModelLoadError, match="missing from this installation") as exc:
+        load_pipeline(EngineConfig())
+    assert "--model" in str(exc.value) and "TIUE_MODEL_DIR" in str(exc.value)
+    assert not list(tmp_path.iterdir()), "no model is built in its place"
+
+
 def test_warmup_uses_a_size_the_backend_supports(tiny_model_dir: Path) -> None:
     """Compiled engines may exclude the model's default size; warm-up must not fail on that."""
     pipe = load_pipeline(EngineConfig(model_dir=tiny_model_dir))

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 
 from engine.errors import UnsupportedSchedulerError
 from engine.schedule import DDIMChain
-from engine.tiny_model import SD_SCHEDULER
+from tests.support.tiny_model import SD_SCHEDULER
 
 
 def _scheduler_chain(config: dict, z: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Small deterministic diffusers pipelines the project builds itself: the fallback default model and
-the fixtures of the test suite. Two UNet shapes mirror SD1.5 (one head dim, conv projections) and
-SD2.1-base (per-block head dims, linear projections)."""
+"""Small deterministic random-init diffusers pipelines: the fixtures of the test suite and the models
+of the CPU benches. Two UNet shapes mirror SD1.5 (one head dim, conv projections) and SD2.1-base
+(per-block head dims, linear projections)."""
 
 from __future__ import annotations
 
