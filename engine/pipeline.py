@@ -17,7 +17,7 @@ from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, UnsupportedSizeError
 from engine.loading import Components, load_components
-from engine.types import BatchResult, GeneratedImage, GenerationRequest, ModelInfo
+from engine.types import DEVICE_STAGES, BatchResult, GeneratedImage, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,14 @@ class TiUEPipeline:
 
     def _generate_chunk(self, requests: Sequence[GenerationRequest], timings: dict[str, float]) -> np.ndarray:
         width, height = requests[0].shape_key
-        with self._timed("text_encode", timings):
+        text_encode, denoise, vae_decode = DEVICE_STAGES
+        with self._timed(text_encode, timings):
             ids = self.tokenize([r.prompt for r in requests])
             states = self.backend.encode_text(ids)
-        with self._timed("denoise", timings):
+        with self._timed(denoise, timings):
             z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
             z_0 = self.backend.denoise(z_t.to(self.backend.device, self.backend.dtype), states)
-        with self._timed("vae_decode", timings):
+        with self._timed(vae_decode, timings):
             images = self.backend.decode(z_0 / self.scaling_factor + self.shift_factor)
             pixels = to_uint8(images)
         return pixels

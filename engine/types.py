@@ -29,7 +29,7 @@ class BackendName(str, Enum):
     TENSORRT = "tensorrt"
 
 
-STAGES = ("text_encode", "denoise", "vae_decode")
+DEVICE_STAGES = ("text_encode", "denoise", "vae_decode")  # what BatchResult.timings reports, in order
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class GeneratedImage:
 @dataclass
 class BatchResult:
     images: list[GeneratedImage]
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage in STAGES
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage in DEVICE_STAGES
 
 
 @dataclass(frozen=True)

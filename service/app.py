@@ -13,8 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from engine.errors import EngineError
+from service.caller import ClientMiddleware
 from service.errors import ServiceError, error_response
 from service.middleware import BodyLimitMiddleware, InFlightMiddleware, RequestMetricsMiddleware
+from service.openapi import install_openapi
 from service.protocol import Pipeline, PipelineFactory
 from service.routes import health, images
 from service.settings import Settings
@@ -66,6 +68,7 @@ def create_app(
     app.state.tiue = state
     app.include_router(health.router)
     app.include_router(images.router)
+    install_openapi(app, settings)
 
     async def handle(request: Request, exc: Exception) -> Response:
         return error_response(exc, state.metrics)
@@ -76,8 +79,21 @@ def create_app(
     routes = frozenset(
         getattr(route, "path", "") for router in (health.router, images.router) for route in router.routes
     )
-    app.add_middleware(BodyLimitMiddleware, metrics=state.metrics, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        metrics=state.metrics,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
     generation = frozenset(getattr(route, "path", "") for route in images.router.routes)
-    app.add_middleware(InFlightMiddleware, track=state.request_scope, paths=generation)
-    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes)
+    app.add_middleware(
+        InFlightMiddleware,
+        track=state.request_scope,
+        paths=generation,
+        limit=settings.max_in_flight,
+        metrics=state.metrics,
+    )
+    app.add_middleware(ClientMiddleware, api_keys=state.api_keys, metrics=state.metrics, paths=generation)
+    probes = frozenset(getattr(route, "path", "") for route in health.router.routes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes, quiet=probes)
     return app

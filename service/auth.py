@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from starlette.requests import Request
+from fastapi.security import HTTPBearer
 
 from service.errors import Unauthorized
 
@@ -22,14 +22,11 @@ class ApiKeys:
     def __init__(self, keys: Iterable[str]):
         self._digests = [_digest(key) for key in keys if key]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
-
-    def check(self, authorization: str | None) -> None:
-        """Raise Unauthorized unless the header carries one of the keys (every key is compared)."""
+    def identify(self, authorization: str | None) -> str | None:
+        """None when auth is off; else the caller's key as "key:<digest prefix>" (safe to log), or
+        Unauthorized unless the header carries one of the keys (every key is compared)."""
         if not self._digests:
-            return
+            return None
         if not authorization:
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
         scheme, _, token = authorization.strip().partition(" ")
@@ -42,8 +39,8 @@ class ApiKeys:
             matched |= hmac.compare_digest(given, digest)
         if not matched:
             raise Unauthorized("the API key is not valid")
+        return f"key:{given.hex()[:12]}"
 
 
-async def require_api_key(request: Request) -> None:
-    """FastAPI dependency for the generation routes."""
-    request.app.state.tiue.api_keys.check(request.headers.get("authorization"))
+# For the OpenAPI schema only: service.caller.ClientMiddleware checks the key before the body is read.
+bearer_scheme = HTTPBearer(auto_error=False, description="one of TIUE_API_KEYS, when the server sets any")

@@ -6,26 +6,34 @@ A batch holds items of one key (same output size), at most `max_batch_images` im
   (the window opens at `next_batch()`, as in Ray Serve): items that queued behind a running batch
   still get a window for company, so closed-loop clients settle into full batches, not halves;
 - at once when as many requests are queued as the server has lately had in flight at once
-  (`expected_requests`, the recent peak): nobody else is likely to join, and waiting would only
-  add latency -- a lone client would pay the window on every request. Four closed-loop clients
-  still get batches of four: the peak remembers the fourth while its answer travels.
+  (`RecentPeak`, fed by `arrival()` from the moment a request arrives): nobody else is likely to
+  join, and waiting would only add latency -- a lone client would pay the window on every request.
+  Four closed-loop clients still get batches of four: the peak remembers the fourth while its answer
+  travels.
 Items whose future is done (the client went away) or whose deadline passed are dropped before they
-reach the device.
+reach the device; the device worker looks again just before a formed batch runs (`Batch.live_items`).
+
+Fair queueing across clients (start-time fair queueing, in estimated device seconds): an item's start
+tag is `max(virtual time, its client's last finish tag)`, and its cost moves the client's finish tag
+on, so one client's backlog is interleaved with everyone else's work instead of running ahead of it.
+A batch comes from the ready group whose head has the smallest tag and fills in tag order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import time
-from collections import deque
-from collections.abc import Callable, Hashable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 
 from engine.types import GeneratedImage, GenerationRequest
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+
+PEAK_WINDOW_S = 5.0  # how long the batcher remembers that N requests were in flight at once
 
 
 @dataclass
@@ -54,7 +62,12 @@ class WorkItem:
     enqueued_at: float  # monotonic
     deadline: float  # monotonic
     ticket: _Ticket = field(default_factory=lambda: _Ticket(1))
+    client: str = ""
+    request_id: str = ""
+    cost_s: float = 0.0  # estimated device seconds for this item's images
+    tag: float = 0.0  # fair-queue start tag
     released: bool = False  # no longer counted against the queue's capacity
+    abandoned: bool = False  # its future is done; set on the event loop, read on the device thread
 
     @property
     def images(self) -> int:
@@ -76,9 +89,52 @@ class Batch:
     def images(self) -> int:
         return sum(item.images for item in self.items)
 
+    @property
+    def cost_s(self) -> float:
+        return sum(item.cost_s for item in self.items)
+
+    def live_items(self, now: float, seconds_for: Callable[[int], float]) -> list[WorkItem]:
+        """The items still worth computing: not abandoned, and able to finish before their deadline
+        if the batch starts now (`seconds_for(images)` estimates the batch). Safe on the device thread."""
+        live = [item for item in self.items if not item.abandoned and item.deadline > now]
+        finish = now + seconds_for(sum(item.images for item in live)) if live else now
+        return [item for item in live if item.deadline >= finish]
+
 
 class BatcherClosed(Exception):
     """`next_batch` after `close()` once nothing is left: the worker's signal to stop."""
+
+
+class RecentPeak:
+    """Requests in flight now, and the most at once over the last one to two windows."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self.current = 0
+        self._peak = 0  # in the window that began at _since
+        self._previous_peak = 0  # in the window before it
+        self._since = clock()
+
+    def enter(self) -> None:
+        self._roll()
+        self.current += 1
+        self._peak = max(self._peak, self.current)
+
+    def leave(self) -> None:
+        self._roll()
+        self.current -= 1
+
+    def peak(self) -> int:
+        self._roll()
+        return max(self._peak, self._previous_peak)
+
+    def _roll(self) -> None:
+        elapsed = self._clock() - self._since
+        if elapsed >= self.window_s:
+            self._previous_peak = self._peak if elapsed < 2 * self.window_s else self.current
+            self._peak = self.current
+            self._since = self._clock()
 
 
 class MicroBatcher:
@@ -90,24 +146,28 @@ class MicroBatcher:
         max_batch_images: int,
         max_wait_s: float,
         capacity_images: int,
-        expected_requests: Callable[[], int] | None = None,
+        early_close: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """`expected_requests`: how many requests could be waiting together (the recent peak of
-        requests in flight); None disables the early close. `clock` is for tests; deadlines passed to submit() must use it."""
+        """`early_close`: close a batch as soon as the recent peak of requests in flight is queued
+        (see `arrival()`). `clock` is for tests; deadlines passed to submit() must use it."""
         if max_batch_images < 1 or capacity_images < 1:
             raise ValueError("max_batch_images and capacity_images must be at least 1")
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
         self.capacity_images = capacity_images
         self._clock = clock
-        self._expected_requests = expected_requests
-        self._images_per_s: float | None = None  # device throughput, smoothed; for Retry-After
+        self.in_flight = RecentPeak(PEAK_WINDOW_S, clock) if early_close else None
         # asyncio.Queue bounds items; the bound that protects the device is in images, kept by submit().
         self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
-        self._groups: dict[Hashable, deque[WorkItem]] = {}
+        self._groups: dict[Hashable, list[WorkItem]] = {}
         self._pending_images = 0
         self._pending_requests = 0
+        self._queued_s = 0.0  # estimated device seconds admitted and not yet handed to the device
+        self._running_s = 0.0  # estimated device seconds handed to the device and not yet finished
+        self._client_s: dict[str, float] = {}  # queued seconds by client
+        self._virtual = 0.0  # fair-queue virtual time: the start tag of the latest batch's head
+        self._finish: dict[str, float] = {}  # each client's last finish tag
         self._closed = False
         self._batch_ids = itertools.count(1)
 
@@ -117,25 +177,45 @@ class MicroBatcher:
         return self._pending_images
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def queued_seconds(self) -> float:
+        """Estimated device seconds of everything admitted and not yet finished (queued and running)."""
+        return max(self._queued_s, 0.0) + max(self._running_s, 0.0)
 
-    def record_throughput(self, images: int, seconds: float) -> None:
-        """The worker reports each batch, so a 429 can say when the queue should have room again."""
-        if seconds > 0:
-            rate = images / seconds
-            self._images_per_s = rate if self._images_per_s is None else 0.8 * self._images_per_s + 0.2 * rate
+    def client_seconds(self, client: str) -> float:
+        return max(self._client_s.get(client, 0.0), 0.0)
 
-    def estimated_wait_s(self) -> float:
-        """Time for the device to work through what is queued now (1 s before any batch has run)."""
-        if not self._images_per_s:
-            return 1.0
-        return self._pending_images / self._images_per_s
+    def wait_estimate_s(self, client: str) -> float:
+        """Estimated device seconds before a new item from `client` would start: the running batches
+        and every queued item the fair queue would take first."""
+        start = max(self._virtual, self._finish.get(client, self._virtual))
+        ahead = sum(item.cost_s for item in self._queued_items() if item.tag <= start)
+        return max(self._running_s, 0.0) + ahead
+
+    @contextmanager
+    def arrival(self) -> Iterator[None]:
+        """A generation request from its arrival (before its body is read) to its answer."""
+        if self.in_flight is None:
+            yield
+            return
+        self.in_flight.enter()
+        try:
+            yield
+        finally:
+            self.in_flight.leave()
 
     def submit(
-        self, key: Hashable, requests: Sequence[GenerationRequest], deadline: float
+        self,
+        key: Hashable,
+        requests: Sequence[GenerationRequest],
+        deadline: float,
+        *,
+        client: str = "",
+        request_id: str = "",
+        cost_s: float = 0.0,
     ) -> list[asyncio.Future[ItemResult]]:
-        """Admit all of `requests` or none (QueueFull / ShuttingDown), split into items of at most one batch."""
+        """Admit all of `requests` or none (QueueFull / ShuttingDown), split into items of at most one batch.
+
+        `cost_s` is the whole request's estimated device time, shared among its items by images."""
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new work")
         if not requests:
@@ -144,27 +224,42 @@ class MicroBatcher:
             raise QueueFull(
                 f"the queue is full ({self._pending_images} of {self.capacity_images} images waiting); "
                 "retry after the time in the Retry-After header",
-                retry_after_s=self.estimated_wait_s(),
+                retry_after_s=self.queued_seconds,
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
         futures: list[asyncio.Future[ItemResult]] = []
         ticket = _Ticket(pending_items=-(-len(requests) // self.max_batch_images))
         self._pending_requests += 1
+        tag = max(self._virtual, self._finish.get(client, self._virtual))
         for start in range(0, len(requests), self.max_batch_images):
             chunk = list(requests[start : start + self.max_batch_images])
-            item = WorkItem(key, chunk, loop.create_future(), now, deadline, ticket)
+            item_cost = cost_s * len(chunk) / len(requests)
+            item = WorkItem(
+                key, chunk, loop.create_future(), now, deadline, ticket, client, request_id, item_cost, tag
+            )
+            tag += item_cost
             self._pending_images += item.images
+            self._queued_s += item_cost
+            self._client_s[client] = self._client_s.get(client, 0.0) + item_cost
             item.future.add_done_callback(partial(self._on_done, item))
             self._queue.put_nowait(item)
             futures.append(item.future)
+        self._finish[client] = tag
         return futures
 
     async def process(
-        self, key: Hashable, requests: Sequence[GenerationRequest], deadline: float
+        self,
+        key: Hashable,
+        requests: Sequence[GenerationRequest],
+        deadline: float,
+        *,
+        client: str = "",
+        request_id: str = "",
+        cost_s: float = 0.0,
     ) -> list[ItemResult]:
         """Submit and wait for every item; if this is cancelled or one item fails, the rest are cancelled."""
-        futures = self.submit(key, requests, deadline)
+        futures = self.submit(key, requests, deadline, client=client, request_id=request_id, cost_s=cost_s)
         try:
             return list(await asyncio.gather(*futures))
         finally:
@@ -186,22 +281,26 @@ class MicroBatcher:
                     raise BatcherClosed
                 self._accept(await self._queue.get())
                 continue
-            oldest = min(group[0].enqueued_at for group in self._groups.values())
+            oldest = min(item.enqueued_at for group in self._groups.values() for item in group)
             timeout = max(oldest, window_opens) + self.max_wait_s - now
             with suppress(asyncio.TimeoutError):
                 self._accept(await asyncio.wait_for(self._queue.get(), max(timeout, 0.0)))
 
     def full_batch_nowait(self) -> Batch | None:
-        """A full batch if one is waiting right now (the oldest first), else None; never waits."""
+        """A full batch if one is waiting right now (the fair queue's first), else None; never waits."""
         self._move_queued_to_groups()
         now = self._clock()
         self._prune(now)
         full = [
-            (group[0].enqueued_at, key)
+            (group[0].tag, key)
             for key, group in self._groups.items()
             if sum(item.images for item in group) >= self.max_batch_images
         ]
         return self._take(min(full, key=lambda pair: pair[0])[1], now) if full else None
+
+    def finished(self, batch: Batch) -> None:
+        """The worker is done with `batch` (computed, skipped or failed): its cost leaves the estimate."""
+        self._running_s = max(self._running_s - batch.cost_s, 0.0)
 
     def close(self) -> None:
         """Take no new work; what is queued still comes out of next_batch, without waiting to fill."""
@@ -222,20 +321,34 @@ class MicroBatcher:
         self._groups.clear()
         return failed
 
+    def _queued_items(self) -> Iterator[WorkItem]:
+        for group in self._groups.values():
+            yield from group
+        # Items still in the asyncio queue (submitted since the last look) count too.
+        yield from (item for item in self._queue._queue if item is not None)  # type: ignore[attr-defined]
+
     def _on_done(self, item: WorkItem, _future: asyncio.Future[ItemResult]) -> None:
+        item.abandoned = True
         self._release(item)  # a cancelled or expired item stops counting against capacity at once
 
     def _release(self, item: WorkItem) -> None:
         if not item.released:
             item.released = True
             self._pending_images -= item.images
+            self._queued_s -= item.cost_s
+            left = self._client_s.get(item.client, 0.0) - item.cost_s
+            if left > 1e-12:
+                self._client_s[item.client] = left
+            else:
+                self._client_s.pop(item.client, None)
             item.ticket.pending_items -= 1
             if item.ticket.pending_items == 0:
                 self._pending_requests -= 1
 
     def _accept(self, item: WorkItem | None) -> None:
         if item is not None:
-            self._groups.setdefault(item.key, deque()).append(item)
+            group = self._groups.setdefault(item.key, [])
+            bisect.insort(group, item, key=lambda i: i.tag)
 
     def _move_queued_to_groups(self) -> None:
         while not self._queue.empty():
@@ -243,7 +356,7 @@ class MicroBatcher:
 
     def _prune(self, now: float) -> None:
         for key in list(self._groups):
-            live: deque[WorkItem] = deque()
+            live: list[WorkItem] = []
             for item in self._groups[key]:
                 if item.future.done():
                     continue
@@ -261,24 +374,24 @@ class MicroBatcher:
                 del self._groups[key]
 
     def _ready_key(self, now: float, window_opens: float) -> Hashable | None:
-        """The ready group (full, window over, nothing else to wait for, or closing) with the oldest head."""
+        """The ready group (full, window over, nothing else to wait for, or closing) first in the fair queue."""
         no_wait = self._closed or self._nobody_else_expected()
         best: tuple[float, Hashable] | None = None
         for key, group in self._groups.items():
-            head = group[0].enqueued_at
+            oldest = min(item.enqueued_at for item in group)
             full = sum(item.images for item in group) >= self.max_batch_images
-            waited = now - max(head, window_opens) >= self.max_wait_s
-            if (full or no_wait or waited) and (best is None or head < best[0]):
-                best = (head, key)
+            waited = now - max(oldest, window_opens) >= self.max_wait_s
+            if (full or no_wait or waited) and (best is None or group[0].tag < best[0]):
+                best = (group[0].tag, key)
         return None if best is None else best[1]
 
     def _nobody_else_expected(self) -> bool:
-        return self._expected_requests is not None and self._expected_requests() <= self._pending_requests
+        return self.in_flight is not None and self.in_flight.peak() <= self._pending_requests
 
     def _take(self, key: Hashable, now: float) -> Batch:
-        """Oldest first; later items that still fit may join, so a large item never blocks small ones."""
+        """Fair-queue order; later items that still fit may join, so a large item never blocks small ones."""
         taken: list[WorkItem] = []
-        rest: deque[WorkItem] = deque()
+        rest: list[WorkItem] = []
         images = 0
         for item in self._groups.pop(key):
             if images + item.images <= self.max_batch_images:
@@ -289,4 +402,8 @@ class MicroBatcher:
                 rest.append(item)
         if rest:
             self._groups[key] = rest
-        return Batch(next(self._batch_ids), key, taken, now)
+        batch = Batch(next(self._batch_ids), key, taken, now)
+        self._running_s += batch.cost_s
+        self._virtual = max(self._virtual, taken[0].tag)
+        self._finish = {client: tag for client, tag in self._finish.items() if tag > self._virtual}
+        return batch

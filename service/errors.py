@@ -1,7 +1,7 @@
 """Service errors and the one place that turns any exception into an HTTP answer.
 
-Every error body has OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the
-clients of `/v1/images/generations` read our errors as they read OpenAI's.
+Every error body has OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (plus the
+`request_id`), so the clients of `/v1/images/generations` read our errors as they read OpenAI's.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from engine.errors import InvalidRequestError
+from service.logs import request_id
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,16 @@ class QueueFull(ServiceError):
         super().__init__(message, headers=_retry_after(retry_after_s))
 
 
+class RateLimited(QueueFull):
+    reason = "rate_limited"
+
+
+class TooCostly(InvalidInput):
+    """One request that would hold the device longer than the server allows any request to."""
+
+    reason = "too_costly"
+
+
 class NotReady(ServiceError):
     status_code = 503
     error_type = "service_unavailable"
@@ -97,7 +108,32 @@ class NotReady(ServiceError):
 
 
 class ShuttingDown(NotReady):
-    """Draining: this replica takes no new work; another replica should."""
+    """Draining: this replica takes no new work; another replica should (a retry goes elsewhere)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = 1):
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class Overloaded(ServiceError):
+    """TIUE_MAX_IN_FLIGHT generation requests are being handled; a retry may find room, here or elsewhere."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    reason = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1):
+        super().__init__(message, headers=_retry_after(retry_after_s))
+
+
+class RequestTimeout(ServiceError):
+    """The client sent its request slower than the server waits; the connection is closed after the answer."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    reason = "request_timeout"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class DeadlineExceeded(ServiceError):
@@ -123,11 +159,17 @@ class BatchFailed(ServiceError):
         super().__init__(f"image generation failed (batch {batch_id}); the error is in the server log")
 
 
+_HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed"}
+
+
 class _HttpError(ServiceError):
+    """Starlette's own HTTP errors (unknown route, wrong method, a body that is not UTF-8)."""
+
     def __init__(self, status_code: int, message: str, headers: Mapping[str, str] | None):
         super().__init__(message, headers=headers)
         self.status_code = status_code
         self.error_type = "invalid_request_error" if status_code < 500 else "server_error"
+        self.reason = _HTTP_CODES.get(status_code, "invalid" if status_code < 500 else None)
 
 
 def _param(loc: Sequence[Any]) -> str:
@@ -167,6 +209,8 @@ def as_service_error(exc: BaseException) -> ServiceError | None:
     if isinstance(exc, RequestValidationError):
         return _from_validation(exc)
     if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return MalformedBody("the request body could not be read as JSON; send it as UTF-8", param="body")
         return _HttpError(exc.status_code, str(exc.detail), exc.headers)
     return None
 
@@ -179,12 +223,14 @@ def error_response(exc: BaseException, metrics: ServiceMetrics | None) -> JSONRe
         error = ServiceError("internal server error")
     if error.reason is not None and metrics is not None:
         metrics.rejected.labels(reason=error.reason).inc()
-    body = {
-        "error": {
-            "message": error.message,
-            "type": error.error_type,
-            "param": error.param,
-            "code": error.reason,
-        }
+    detail: dict[str, str | None] = {
+        "message": error.message,
+        "type": error.error_type,
+        "param": error.param,
+        "code": error.reason,
     }
+    rid = request_id()
+    if rid is not None:
+        detail["request_id"] = rid  # what to quote when asking about this answer: it is in every log line
+    body = {"error": detail}
     return JSONResponse(body, status_code=error.status_code, headers=error.headers)

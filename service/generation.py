@@ -13,10 +13,13 @@ from typing import Any, TypeVar
 
 from starlette.types import Message
 
-from engine.types import GenerationRequest, ModelInfo
+from engine.types import DEVICE_STAGES, GenerationRequest, ModelInfo
 from service.batcher import ItemResult
+from service.caller import Caller
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
 from service.images import OutputFormat, encode_image
+from service.logs import annotate, request_id
+from service.metrics import IMAGE_ENCODE
 from service.settings import PromptPolicy, Settings
 from service.state import ServiceState
 
@@ -66,16 +69,17 @@ def parse_size(size: str | None, width: int | None, height: int | None, info: Mo
     return int(match.group(1)), int(match.group(2))
 
 
-def check_limits(settings: Settings, prompt: str, n: int, width: int, height: int) -> None:
+def check_limits(settings: Settings, info: ModelInfo, prompt: str, n: int, width: int, height: int) -> None:
     """The limits that protect the device, from settings; the model's own rules come from validate()."""
+    max_size = settings.size_limit(info.default_size)
     if n > settings.max_n:
         raise InvalidInput(
             f"n is {n}; this server makes at most {settings.max_n} images per request", param="n"
         )
     for name, value in (("width", width), ("height", height)):
-        if not settings.min_size <= value <= settings.max_size:
+        if not settings.min_size <= value <= max_size:
             raise InvalidInput(
-                f"{name} is {value} px; this server accepts {settings.min_size} to {settings.max_size} px",
+                f"{name} is {value} px; this server accepts {settings.min_size} to {max_size} px",
                 param="size",
             )
     if len(prompt) > settings.max_prompt_chars:
@@ -105,13 +109,14 @@ def random_seed() -> int:
 
 
 async def run_job(
-    state: ServiceState, job: Job, receive: Callable[[], Awaitable[Message]], b64: bool
+    state: ServiceState, job: Job, caller: Caller, receive: Callable[[], Awaitable[Message]], b64: bool
 ) -> JobOutput:
-    """Validate against the model, queue, wait for the images (or a disconnect or the deadline), encode."""
+    """Validate against the model, admit by cost, queue, wait for the images (or a disconnect or the
+    deadline, counted from the request's arrival), encode."""
     started = time.perf_counter()
     pipeline = state.require_pipeline()
     info = pipeline.info
-    check_limits(state.settings, job.prompt, job.n, job.width, job.height)
+    check_limits(state.settings, info, job.prompt, job.n, job.width, job.height)
     requests = [
         GenerationRequest(job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height)
         for i in range(job.n)
@@ -121,16 +126,26 @@ async def run_job(
     warnings = prompt_warnings(state, job.prompt, info, pipeline.count_tokens(job.prompt))
 
     timeout = state.settings.request_timeout_s
-    deadline = time.monotonic() + timeout
-    process = state.batcher.process(requests[0].shape_key, requests, deadline)
-    results = await _unless_gone(process, receive, timeout)
+    deadline = caller.arrived + timeout
+    size = requests[0].shape_key
+    cost = state.admission.admit(caller.client, size, job.n, deadline, info.size_multiple)
+    seeds = [request.seed for request in requests]
+    annotate(model=info.name, images=job.n, size=f"{job.width}x{job.height}", seeds=seeds)
+    process = state.batcher.process(
+        size, requests, deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
+    )
+    results = await _unless_gone(process, receive, deadline - time.monotonic(), timeout)
+    annotate(
+        queue_wait_s=round(max(result.queue_wait_s for result in results), 4),
+        batch_ids=sorted({result.batch_id for result in results}),
+    )
 
     encode_started = time.perf_counter()
     pixels = [image for result in results for image in result.images]
     encoded = await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64)) for p in pixels))
     encode_s = time.perf_counter() - encode_started
     for _data, seconds in encoded:
-        state.metrics.stage_duration.labels(stage="image_encode").observe(seconds)
+        state.metrics.stage_duration.labels(stage=IMAGE_ENCODE).observe(seconds)
 
     images = [EncodedImage(data, image.seed) for (data, _s), image in zip(encoded, pixels, strict=True)]
     timings = _timings(results, encode_s, time.perf_counter() - started)
@@ -150,22 +165,23 @@ def _encoder(pixels: Any, job: Job, b64: bool) -> Callable[[], tuple[bytes, floa
 
 def _timings(results: list[ItemResult], encode_s: float, total_s: float) -> dict[str, float]:
     timings = {"queue_wait": max(result.queue_wait_s for result in results)}
-    for stage in ("text_encode", "denoise", "vae_decode"):
+    for stage in DEVICE_STAGES:
         timings[stage] = sum(result.timings.get(stage, 0.0) for result in results)
-    timings["image_encode"] = encode_s
+    timings[IMAGE_ENCODE] = encode_s
     timings["total"] = total_s
     return timings
 
 
 async def _unless_gone(
-    work: Coroutine[Any, Any, T], receive: Callable[[], Awaitable[Message]], timeout: float
+    work: Coroutine[Any, Any, T], receive: Callable[[], Awaitable[Message]], left: float, timeout: float
 ) -> T:
-    """Await `work`; cancel it (so its queued items are skipped) if the client disconnects or time runs out."""
+    """Await `work` for `left` seconds; cancel it (so its queued items are skipped) if the client
+    disconnects or time runs out (`timeout` is the whole budget, for the message)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(receive))
     try:
         done, _pending = await asyncio.wait(
-            {task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            {task, watcher}, timeout=max(left, 0.0), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         watcher.cancel()

@@ -6,8 +6,23 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-REJECT_REASONS = ("queue_full", "timeout", "invalid", "unauthorized", "cancelled", "not_ready")
-STAGES = ("text_encode", "denoise", "vae_decode", "image_encode")
+from engine.types import DEVICE_STAGES
+
+REJECT_REASONS = (
+    "queue_full",
+    "rate_limited",
+    "too_costly",
+    "timeout",
+    "invalid",
+    "unauthorized",
+    "cancelled",
+    "not_ready",
+    "overloaded",
+    "request_timeout",
+)
+IMAGE_ENCODE = "image_encode"  # on the event loop's encode pool, once per image
+STAGES = (*DEVICE_STAGES, IMAGE_ENCODE)  # every stage a request's timings and the metrics report
+WASTE_REASONS = ("cancelled", "expired")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -53,6 +68,19 @@ class ServiceMetrics:
             registry=r,
         )
         self.images_generated = Counter("tiue_images_generated", "Images the engine produced.", registry=r)
+        self.images_discarded = Counter(
+            "tiue_images_discarded",
+            "Images the engine produced for requests that had already given up (cancelled) or timed out (expired).",
+            ["reason"],
+            registry=r,
+        )
+        self.images_skipped = Counter(
+            "tiue_images_skipped",
+            "Images dropped from a formed batch just before it ran: their request gave up, or could not finish "
+            "before its deadline.",
+            ["reason"],
+            registry=r,
+        )
         self.rejected = Counter(
             "tiue_requests_rejected", "Requests answered without images, by reason.", ["reason"], registry=r
         )
@@ -66,8 +94,23 @@ class ServiceMetrics:
             registry=r,
         )
         self.ready = Gauge("tiue_ready", "1 when the model is loaded, warmed and taking work.", registry=r)
+        # Connections (service.connections): how close the server is to TIUE_MAX_CONNECTIONS, what it sheds.
+        self.open_connections = Gauge("tiue_open_connections", "TCP connections open now.", registry=r)
+        self.connections_refused = Counter(
+            "tiue_connections_refused",
+            "Connections closed as soon as accepted, because TIUE_MAX_CONNECTIONS were open.",
+            registry=r,
+        )
+        self.connections_timed_out = Counter(
+            "tiue_connections_timed_out",
+            "Connections closed because a request's headers took longer than TIUE_HEADER_TIMEOUT_S.",
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+        for reason in WASTE_REASONS:
+            self.images_discarded.labels(reason=reason)
+            self.images_skipped.labels(reason=reason)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
 

@@ -16,6 +16,13 @@ Compression = Annotated[StrictInt, Field(ge=0, le=100)]
 def _non_empty_prompt(value: str) -> str:
     if not value.strip():
         raise ValueError("the prompt is empty; describe the image to generate")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800", which JSON can carry
+        raise ValueError(
+            f"the prompt holds {value[exc.start]!r} at character {exc.start}, which is not a Unicode "
+            "character (a lone surrogate); send text in UTF-8"
+        ) from None
     return value
 
 
@@ -121,6 +128,7 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = None  # the answer's X-Request-ID
 
 
 class ErrorResponse(BaseModel):

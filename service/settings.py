@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig
 from engine.types import BackendName, Precision
+from service.logs import LogFormat
 
 
 class PromptPolicy(str, Enum):
@@ -30,6 +32,18 @@ class LogLevel(str, Enum):
 
 def _default_encode_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
+
+
+FD_RESERVE = 128  # file descriptors kept for everything but client connections (model files, CUDA, logs)
+_MAX_CONNECTIONS_CAP = 1024  # far more than a replica's queue needs; idle kept-alive connections are cheap
+
+
+def default_max_connections() -> int:
+    """From the open-file limit the server raises itself to (the hard one): every connection costs one."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return _MAX_CONNECTIONS_CAP
+    return max(1, min(_MAX_CONNECTIONS_CAP, hard - FD_RESERVE))
 
 
 class Settings(BaseSettings):
@@ -54,13 +68,75 @@ class Settings(BaseSettings):
         default=10.0, ge=0, le=10_000, description="how long the oldest request may wait"
     )
     queue_size: int = Field(default=64, ge=1, description="images waiting, beyond which requests get 429")
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="from a request's arrival to its answer; 504 after it"
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="after SIGTERM: how long queued and running work may take before it is answered 503",
+    )
+
+    # Connections (service.server, service.connections): bounds that hold behind a load balancer and
+    # against slow or idle clients. The timeouts are uvicorn's missing ones; docs/api.md, Connections.
+    max_connections: int = Field(
+        default_factory=default_max_connections,
+        ge=1,
+        description="open TCP connections; one more is closed as soon as accepted (a few extra serve only "
+        "the health routes). Default: the open-file limit less a reserve, at most 1024",
+    )
+    max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="generation requests handled at once (queued, on the device, encoding); more get 503 "
+        "with Retry-After. Above the queue's size, so that a full queue answers 429 first",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="from a connection's opening, or a kept-alive connection's next request's first byte, "
+        "to the end of the request's headers; then the connection is closed (408 if part was sent)",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="to receive a whole request body once its headers are in; then 408"
+    )
+    keep_alive_timeout_s: float = Field(
+        # Above the idle timeout of the load balancers in front (AWS ALB and nginx: 60 s), so that they,
+        # not we, close an idle connection: otherwise one may send a request just as we close it (a 502).
+        # Behind Google Cloud's load balancers (600 s) set 620.
+        default=75.0,
+        gt=0,
+        description="how long an idle kept-alive connection stays open; above the load balancer's idle timeout",
+    )
+
+    # Admission by cost: estimated device seconds (service.cost), not request counts.
+    max_queue_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="device seconds of admitted work, beyond which requests get 429 (default: request_timeout_s)",
+    )
+    max_request_s: float = Field(
+        default=30.0, gt=0, description="device seconds one request may cost; dearer ones get 422 too_costly"
+    )
+    client_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of max_queue_s one client (API key, else address) may hold",
+    )
+    rate_limit_per_minute: float = Field(
+        default=0, ge=0, description="images per minute per client (API key, else address); 0: no limit"
+    )
+    rate_limit_burst: int | None = Field(
+        default=None, ge=1, description="images a client may ask for at once (default: max_n)"
+    )
 
     # Request limits.
     max_n: int = Field(default=8, ge=1, le=64)
     min_size: int = Field(default=64, ge=8)
-    max_size: int = Field(default=1024, ge=8)
+    max_size: int | None = Field(
+        default=None, ge=8, description="pixels per side (default: twice the model's native size)"
+    )
     max_body_bytes: int = Field(default=65_536, ge=1024)
     max_prompt_chars: int = Field(default=4_000, ge=1)
     prompt_policy: PromptPolicy = PromptPolicy.TRUNCATE
@@ -71,6 +147,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65_535)
     encode_threads: int = Field(default_factory=_default_encode_threads, ge=1, le=64)
     log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = LogFormat.TEXT  # json: one object per line, for log collectors
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -79,19 +156,19 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("model_dir", "engine_dir", mode="before")
+    @field_validator("model_dir", "engine_dir", "max_size", "max_queue_s", "rate_limit_burst", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("backend", "dtype", "log_level", "prompt_policy", mode="before")
+    @field_validator("backend", "dtype", "log_level", "log_format", "prompt_policy", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.min_size > self.max_size:
+        if self.max_size is not None and self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) is larger than max_size ({self.max_size})")
         if self.queue_size < self.max_n:
             raise ValueError(
@@ -99,6 +176,14 @@ class Settings(BaseSettings):
                 "a request for max_n images could never be admitted"
             )
         return self
+
+    @property
+    def queue_limit_s(self) -> float:
+        return self.max_queue_s if self.max_queue_s is not None else self.request_timeout_s
+
+    def size_limit(self, native_size: int) -> int:
+        """The largest width or height served: the setting, else twice the model's native size."""
+        return self.max_size if self.max_size is not None else 2 * native_size
 
     @property
     def max_wait_s(self) -> float:

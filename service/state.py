@@ -11,8 +11,10 @@ from contextlib import contextmanager, suppress
 from enum import Enum
 from typing import TypeVar
 
+from service.admission import Admission
 from service.auth import ApiKeys
 from service.batcher import MicroBatcher
+from service.cost import CostModel
 from service.errors import NotReady, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.protocol import Pipeline, PipelineFactory
@@ -22,44 +24,6 @@ from service.worker import DeviceWorker
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-_PEAK_WINDOW_S = 5.0  # how long the batcher remembers that N requests were in flight at once
-
-
-class RecentPeak:
-    """Requests in flight now, and the most at once over the last one to two windows.
-
-    The batcher waits for company only when this many requests could be queued together.
-    """
-
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic):
-        self.window_s = window_s
-        self._clock = clock
-        self.current = 0
-        self._peak = 0  # in the window that began at _since
-        self._previous_peak = 0  # in the window before it
-        self._since = clock()
-
-    def enter(self) -> None:
-        self._roll()
-        self.current += 1
-        self._peak = max(self._peak, self.current)
-
-    def leave(self) -> None:
-        self._roll()
-        self.current -= 1
-
-    def peak(self) -> int:
-        self._roll()
-        return max(self._peak, self._previous_peak)
-
-    def _roll(self) -> None:
-        elapsed = self._clock() - self._since
-        if elapsed >= self.window_s:
-            self._previous_peak = self._peak if elapsed < 2 * self.window_s else self.current
-            self._peak = self.current
-            self._since = self._clock()
 
 
 class Phase(str, Enum):
@@ -75,21 +39,23 @@ class ServiceState:
     def __init__(self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None):
         self.settings = settings
         self.metrics = ServiceMetrics(settings.max_batch_size)
-        self.in_flight = RecentPeak(window_s=_PEAK_WINDOW_S)
         self.api_keys = ApiKeys(key.get_secret_value() for key in settings.api_keys)
         self.batcher = MicroBatcher(
             max_batch_images=settings.max_batch_size,
             max_wait_s=settings.max_wait_s,
             capacity_images=settings.queue_size,
-            expected_requests=self.in_flight.peak,
+            early_close=True,
         )
-        self.worker = DeviceWorker(self.batcher, self.metrics)
+        self.cost = CostModel()
+        self.admission = Admission(settings, self.batcher, self.cost)
+        self.worker = DeviceWorker(self.batcher, self.metrics, self.cost)
         self.metrics.track_queue_depth(lambda: self.batcher.pending_images)
         self.phase = Phase.LOADING
         self.failure: str | None = None
         self.pipeline: Pipeline | None = None
         self.ready = asyncio.Event()  # set once the model is loaded and warmed; tests wait on it
         self._drain_deadline: float | None = None
+        self._in_flight = 0  # generation requests being handled
         self._idle = asyncio.Event()  # no generation request is being handled
         self._idle.set()
         self._on_fatal = on_fatal
@@ -108,15 +74,16 @@ class ServiceState:
     @contextmanager
     def request_scope(self) -> Iterator[None]:
         """A generation request from its arrival to its answer: for the gauge, the batcher, draining."""
-        self.in_flight.enter()
+        self._in_flight += 1
         self._idle.clear()
         self.metrics.in_flight.inc()
         try:
-            yield
+            with self.batcher.arrival():
+                yield
         finally:
-            self.in_flight.leave()
+            self._in_flight -= 1
             self.metrics.in_flight.dec()
-            if self.in_flight.current == 0:
+            if self._in_flight == 0:
                 self._idle.set()
 
     async def run_encode(self, fn: Callable[[], T]) -> T:
@@ -132,6 +99,7 @@ class ServiceState:
                 "model %s loaded (%s, %s, %s); warming up", info.name, info.backend, info.dtype, info.device
             )
             await self.worker.call(pipeline.warmup)
+            await self.worker.call(lambda: self._calibrate(pipeline))
         except Exception as exc:
             self.phase = Phase.FAILED
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -151,6 +119,15 @@ class ServiceState:
         self.ready.set()
         logger.info("ready in %.1f s", time.perf_counter() - started)
 
+    def _calibrate(self, pipeline: Pipeline) -> None:
+        """Seed the cost model on the device thread: a second, timed warm-up (one image at the native
+        size) once the first has paid for lazy initialisation. Every batch refines it from then on."""
+        started = time.perf_counter()
+        pipeline.warmup()
+        size = pipeline.info.default_size
+        self.cost.observe((size, size), 1, time.perf_counter() - started)
+        logger.info("device seconds per image by size: %s", self.cost.measured())
+
     def begin_drain(self) -> None:
         """SIGTERM: stop being ready and stop admitting work at once; queued work goes on."""
         if self.phase is Phase.DRAINING:
@@ -162,6 +139,17 @@ class ServiceState:
         self.metrics.ready.set(0)
         self.batcher.close()
         self._drain_deadline = time.monotonic() + self.settings.shutdown_grace_s
+
+    async def drain(self) -> None:
+        """The server's drain after SIGTERM, while it still answers: queued and running work may finish
+        within the grace; then whatever is left is answered 503 (ShuttingDown) and the device let go."""
+        self.begin_drain()
+        assert self._drain_deadline is not None
+        if self.pipeline is not None:  # the worker runs once loaded; a load in progress is shutdown()'s
+            await self.worker.stop(self._drain_deadline - time.monotonic())
+        with suppress(asyncio.TimeoutError):  # requests whose images are made may still be encoding them
+            await asyncio.wait_for(self._idle.wait(), max(self._drain_deadline - time.monotonic(), 0.0))
+        logger.info("queue drained; the server closes its connections")
 
     async def shutdown(self) -> None:
         """Finish queued work within what is left of the grace period, then release the threads."""

@@ -9,12 +9,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
-from engine.types import BatchResult, GenerationRequest
-from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher
-from service.errors import BatchFailed, ShuttingDown
-from service.metrics import STAGES, ServiceMetrics
+from engine.types import DEVICE_STAGES, BatchResult, GenerationRequest
+from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, WorkItem
+from service.cost import CostModel
+from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
+from service.metrics import ServiceMetrics
 from service.protocol import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,15 @@ T = TypeVar("T")
 
 class EngineContractError(RuntimeError):
     """The engine returned something other than one image per request, in order."""
+
+
+def _size(batch: Batch) -> str:
+    width, height = cast(tuple[int, int], batch.key)
+    return f"{width}x{height}"
+
+
+def _request_ids(items: Sequence[WorkItem]) -> str:
+    return ",".join(item.request_id or "-" for item in items)
 
 
 def check_result(result: BatchResult, requests: Sequence[GenerationRequest]) -> None:
@@ -41,17 +51,28 @@ def check_result(result: BatchResult, requests: Sequence[GenerationRequest]) -> 
 
 
 @dataclass
+class _Done:
+    """What the device thread did with a batch: the items it computed (none: all skipped) and how long."""
+
+    live: list[WorkItem]
+    result: BatchResult | None
+    seconds: float
+
+
+@dataclass
 class _Run:
     batch: Batch
-    future: asyncio.Future[tuple[BatchResult, float]]
+    future: asyncio.Future[_Done]
 
 
 class DeviceWorker:
     """Runs everything that touches the device (load, warmup, generate) on one thread, one call at a time."""
 
-    def __init__(self, batcher: MicroBatcher, metrics: ServiceMetrics):
+    def __init__(self, batcher: MicroBatcher, metrics: ServiceMetrics, cost: CostModel):
         self._batcher = batcher
         self._metrics = metrics
+        self._cost = cost
+        self.busy_since: float | None = None  # monotonic start of the device call in progress
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiue-device")
         self._task: asyncio.Task[None] | None = None
 
@@ -111,46 +132,107 @@ class DeviceWorker:
             raise
 
     def _submit(self, pipeline: Pipeline, batch: Batch) -> _Run:
-        requests = batch.requests
         for item in batch.items:
             self._metrics.queue_wait.observe(batch.formed_at - item.enqueued_at)
-        self._metrics.batch_size.observe(len(requests))
+        size = cast(tuple[int, int], batch.key)
 
-        def run() -> tuple[BatchResult, float]:
+        def seconds_for(images: int) -> float:
+            return self._cost.seconds(size, images)
+
+        def run() -> _Done:
+            # On the device thread, just before it runs: a staged batch may have waited behind another.
+            live = batch.live_items(time.monotonic(), seconds_for)
+            if not live:
+                return _Done(live, None, 0.0)
+            requests = [request for item in live for request in item.requests]
+            self.busy_since = time.monotonic()
             started = time.perf_counter()
-            result = pipeline.generate(requests)
-            return result, time.perf_counter() - started
+            try:
+                result = pipeline.generate(requests)
+            finally:
+                self.busy_since = None
+            return _Done(live, result, time.perf_counter() - started)
 
         return _Run(batch, asyncio.get_running_loop().run_in_executor(self._executor, run))
 
     async def _finish(self, run: _Run) -> None:
-        batch, requests = run.batch, run.batch.requests
+        batch = run.batch
         try:
-            result, seconds = await run.future
-            check_result(result, requests)
+            done = await run.future
+            if done.result is not None:
+                check_result(done.result, [r for item in done.live for r in item.requests])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.error(
-                "batch %d (%d images, size %s) failed", batch.id, len(requests), batch.key, exc_info=exc
+                "batch %d (%d images, size %s, requests %s) failed",
+                batch.id,
+                batch.images,
+                _size(batch),
+                _request_ids(batch.items),
+                exc_info=exc,
             )
             self._fail(batch, lambda: BatchFailed(batch.id))
             return
-        self._batcher.record_throughput(len(requests), seconds)
-        self._metrics.images_generated.inc(len(requests))
-        for stage, stage_s in result.timings.items():
-            if stage in STAGES:
-                self._metrics.stage_duration.labels(stage=stage).observe(stage_s)
-        offset = 0
+        finally:
+            self._batcher.finished(batch)
+        self._skip(batch, done.live)
+        if done.result is None:
+            logger.info("batch %d skipped: every request in it gave up or could not finish in time", batch.id)
+            return
+        self._deliver(batch, done)
+
+    def _skip(self, batch: Batch, live: list[WorkItem]) -> None:
+        """Items dropped just before the batch ran: never computed, so never wasted."""
+        now = time.monotonic()
         for item in batch.items:
-            images = result.images[offset : offset + item.images]
-            offset += item.images
-            if not item.future.done():
-                item.future.set_result(
-                    ItemResult(
-                        images, batch.id, len(requests), batch.formed_at - item.enqueued_at, result.timings
+            if any(item is other for other in live):
+                continue
+            if item.future.done():
+                self._metrics.images_skipped.labels(reason="cancelled").inc(item.images)
+            else:
+                self._metrics.images_skipped.labels(reason="expired").inc(item.images)
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"the request would not finish before its deadline (after {now - item.enqueued_at:.1f} s "
+                        "in the queue); it was not computed"
                     )
                 )
+
+    def _deliver(self, batch: Batch, done: _Done) -> None:
+        assert done.result is not None
+        result, requests = done.result, [r for item in done.live for r in item.requests]
+        self._cost.observe(cast(tuple[int, int], batch.key), len(requests), done.seconds)
+        self._metrics.images_generated.inc(len(requests))
+        self._metrics.batch_size.observe(len(requests))
+        for stage, stage_s in result.timings.items():
+            if stage in DEVICE_STAGES:
+                self._metrics.stage_duration.labels(stage=stage).observe(stage_s)
+        logger.info(
+            "batch %d: %d images at %s in %.3f s for requests %s",
+            batch.id,
+            len(requests),
+            _size(batch),
+            done.seconds,
+            _request_ids(done.live),
+            extra={
+                "fields": {"batch_id": batch.id, "images": len(requests), "device_s": round(done.seconds, 4)}
+            },
+        )
+        offset = 0
+        now = time.monotonic()
+        for item in done.live:
+            images = result.images[offset : offset + item.images]
+            offset += item.images
+            if item.future.done():  # gave up while its images were being made
+                reason = "expired" if now >= item.deadline else "cancelled"
+                self._metrics.images_discarded.labels(reason=reason).inc(item.images)
+                continue
+            item.future.set_result(
+                ItemResult(
+                    images, batch.id, len(requests), batch.formed_at - item.enqueued_at, result.timings
+                )
+            )
 
     @staticmethod
     def _fail(batch: Batch, make_error: Callable[[], BaseException]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import Response
 
-from service.auth import require_api_key
+from service.auth import bearer_scheme
+from service.deps import CallerDep, State
 from service.errors import NotAcceptable, UnsupportedMediaType
 from service.generation import Job, JobOutput, parse_size, random_seed, run_job
 from service.images import MEDIA_TYPES, ImagePreference, OutputFormat, negotiate
@@ -21,7 +22,6 @@ from service.schemas import (
     OpenAIImagesResponse,
     Timings,
 )
-from service.state import ServiceState
 
 
 async def require_json(request: Request) -> None:
@@ -33,7 +33,7 @@ async def require_json(request: Request) -> None:
         )
 
 
-router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key), Depends(require_json)])
+router = APIRouter(tags=["images"], dependencies=[Security(bearer_scheme), Depends(require_json)])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 406, 413, 415, 422, 429, 500, 503, 504)
@@ -77,15 +77,14 @@ def _output_format(body: GenerateRequest, preference: ImagePreference) -> Output
     response_model=None,
     responses={200: {"model": GenerateResponse, "content": _IMAGE_CONTENT}, **_ERRORS},
 )
-async def generate(body: GenerateRequest, request: Request) -> Response:
-    state: ServiceState = request.app.state.tiue
+async def generate(body: GenerateRequest, request: Request, state: State, caller: CallerDep) -> Response:
     info = state.require_pipeline().info
     preference = negotiate(request.headers.get("accept"))
     output_format = _output_format(body, preference)
     width, height = parse_size(body.size, body.width, body.height, info)
     seed = random_seed() if body.seed is None else body.seed
     job = Job(body.prompt, body.n, width, height, seed, output_format, body.output_compression)
-    output = await run_job(state, job, request.receive, b64=not preference.raw)
+    output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
 
     headers = _headers(output)
     if preference.raw:
@@ -110,14 +109,15 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     response_model=None,
     responses={200: {"model": OpenAIImagesResponse}, **_ERRORS},
 )
-async def openai_generations(body: OpenAIImageRequest, request: Request) -> Response:
-    state: ServiceState = request.app.state.tiue
+async def openai_generations(
+    body: OpenAIImageRequest, request: Request, state: State, caller: CallerDep
+) -> Response:
     info = state.require_pipeline().info
     width, height = parse_size(body.size, None, None, info)
     seed = random_seed() if body.seed is None else body.seed
     output_format: OutputFormat = body.output_format or "png"
     job = Job(body.prompt, body.n or 1, width, height, seed, output_format, body.output_compression)
-    output = await run_job(state, job, request.receive, b64=True)
+    output = await run_job(state, job, caller, request.receive, b64=True)
     response = OpenAIImagesResponse(
         created=int(time.time()),
         data=_data(output),

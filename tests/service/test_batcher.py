@@ -8,9 +8,8 @@ import time
 import pytest
 
 from engine.types import GenerationRequest
-from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher
+from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, RecentPeak
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
-from service.state import RecentPeak
 
 SMALL = (64, 64)
 WIDE = (128, 64)
@@ -78,22 +77,31 @@ async def test_window_opens_when_the_device_is_free_to_take_the_batch() -> None:
         await asyncio.wait_for(b.next_batch(), 0.05)  # the clock stands still: a fresh window, not over
 
 
+def expecting(requests: int, max_batch: int = 4) -> MicroBatcher:
+    """A batcher that has seen `requests` in flight at once (as the app's arrival() tracks them)."""
+    b = MicroBatcher(max_batch_images=max_batch, max_wait_s=FAR, capacity_images=64, early_close=True)
+    assert b.in_flight is not None
+    for _ in range(requests):
+        b.in_flight.enter()
+    return b
+
+
 async def test_closes_at_once_when_as_many_requests_are_queued_as_are_expected() -> None:
-    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, expected_requests=lambda: 2)
+    b = expecting(2)
     submit(b, seed=0)
     submit(b, n=2, seed=10)
     assert (await next_batch(b)).images == 3  # nobody else expected: no hour-long wait
 
 
 async def test_waits_while_more_requests_are_expected() -> None:
-    b = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=64, expected_requests=lambda: 2)
+    b = expecting(2)
     submit(b, n=2)  # another client was recently in flight: its next request is worth waiting for
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(b.next_batch(), 0.05)
 
 
 async def test_a_request_split_over_batches_counts_as_queued_until_its_last_item_is_taken() -> None:
-    b = MicroBatcher(max_batch_images=2, max_wait_s=FAR, capacity_images=64, expected_requests=lambda: 2)
+    b = expecting(2, max_batch=2)
     submit(b, n=3, seed=0)  # items of 2 + 1
     submit(b, seed=10)
     first = await next_batch(b)  # full
@@ -194,10 +202,9 @@ async def test_full_queue_refuses_the_whole_request_with_a_retry_hint() -> None:
     assert b.pending_images == 2
 
 
-async def test_retry_after_follows_measured_throughput() -> None:
+async def test_retry_after_is_the_queued_device_time() -> None:
     b = batcher(max_batch=4, capacity=8)
-    submit(b, n=8)
-    b.record_throughput(images=2, seconds=1.0)  # 2 images/s, 8 waiting: about 4 s
+    b.submit(SMALL, reqs(8), time.monotonic() + FAR, cost_s=4.0)  # 8 images estimated at 0.5 s each
     with pytest.raises(QueueFull) as info:
         submit(b)
     assert info.value.headers["Retry-After"] == "4"

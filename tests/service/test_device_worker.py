@@ -13,6 +13,7 @@ from fakes import FakeEngine, wait_until
 
 from engine.types import BatchResult, GenerationRequest
 from service.batcher import MicroBatcher
+from service.cost import CostModel
 from service.errors import BatchFailed, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.worker import DeviceWorker
@@ -30,7 +31,7 @@ def deadline() -> float:
 
 def setup(engine: FakeEngine, max_batch: int = 4, wait_s: float = 0.0) -> tuple[MicroBatcher, DeviceWorker]:
     batcher = MicroBatcher(max_batch_images=max_batch, max_wait_s=wait_s, capacity_images=64)
-    worker = DeviceWorker(batcher, ServiceMetrics(max_batch))
+    worker = DeviceWorker(batcher, ServiceMetrics(max_batch), CostModel())
     worker.start(engine)
     return batcher, worker
 

@@ -219,7 +219,7 @@ BAD_INPUTS = [
     ({"prompt": "x", "size": "64"}, "size", "not WIDTHxHEIGHT"),
     ({"prompt": "x", "size": "64x-64"}, "size", "not WIDTHxHEIGHT"),
     ({"prompt": "x", "size": "0x64"}, "size", "width is 0 px"),
-    ({"prompt": "x", "size": "64x2048"}, "size", "height is 2048 px; this server accepts 64 to 1024"),
+    ({"prompt": "x", "size": "64x2048"}, "size", "height is 2048 px; this server accepts 64 to 128"),
     ({"prompt": "x", "size": "32x64"}, "size", "width is 32 px"),
     ({"prompt": "x", "size": "72x64"}, None, "width 72 is not a multiple of 16"),  # the model's own rule
     ({"prompt": "x", "width": 64}, "body", "give both width and height"),

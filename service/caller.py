@@ -1,0 +1,52 @@
+"""Who is calling, and since when: the API key check (before the body is read), the client's identity
+for the fair queue and the rate limiter, and the arrival time every deadline counts from."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.auth import ApiKeys
+from service.errors import ServiceError, error_response
+from service.metrics import ServiceMetrics
+
+
+@dataclass(frozen=True)
+class Caller:
+    client: str  # "key:<digest prefix>" when API keys are on, else "addr:<host>"; never a key itself
+    arrived: float  # monotonic
+
+    @classmethod
+    def of(cls, scope: Scope) -> Caller:
+        caller = scope.get("state", {}).get("caller")
+        return caller if isinstance(caller, Caller) else cls("", time.monotonic())
+
+
+class ClientMiddleware:
+    """For the generation routes: stamp the arrival, refuse a missing or wrong API key with 401 before
+    anything reads the body, and name the client."""
+
+    def __init__(self, app: ASGIApp, api_keys: ApiKeys, metrics: ServiceMetrics, paths: frozenset[str]):
+        self.app = app
+        self.api_keys = api_keys
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        arrived = time.monotonic()
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            key = self.api_keys.identify(authorization.decode("latin-1") if authorization else None)
+        except ServiceError as exc:
+            await error_response(exc, self.metrics)(scope, receive, send)
+            return
+        if key is None:
+            host = scope.get("client") or ("unknown", 0)
+            key = f"addr:{host[0]}"
+        scope.setdefault("state", {})["caller"] = Caller(key, arrived)
+        await self.app(scope, receive, send)
