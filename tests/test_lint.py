@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
-        ["mypy", "engine", "service", "distill", "tests/support"],
+        pytest.param(["mypy", "engine", "service", "distill", "tests/support"], marks=pytest.mark.slow),
     ],
     ids=["ruff", "ruff-format", "mypy"],
 )

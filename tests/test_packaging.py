@@ -57,6 +57,7 @@ def test_the_wheel_holds_nothing_else(wheel_files: list[str]) -> None:
     assert not stray, stray
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, diffusers and FastAPI
 def test_serving_imports_no_training_or_test_code() -> None:
     modules = "service.app, service.cli, engine.pipeline, engine.loading, engine.export.cli"
     code = f"import json, sys, {modules}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"

@@ -19,6 +19,8 @@ from engine.config import EngineConfig
 from engine.pipeline import load_pipeline
 from engine.types import GenerationRequest
 
+pytestmark = pytest.mark.slow  # every stage, even at toy length, is ~50 s
+
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""

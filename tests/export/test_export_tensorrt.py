@@ -39,6 +39,7 @@ def _plans(tmp: Path) -> Iterator[tuple[str, Path]]:
         yield name, tmp / f"{name}.plan"
 
 
+@pytest.mark.slow  # a real TensorRT-RTX build, ~10 s
 @needs_trt
 def test_exported_graphs_build_into_engines(
     tiny_model_dir: Path, fp16_engine_dir: Path, tiue: Callable[..., int], export_args: list[str]
