@@ -1,0 +1,195 @@
+"""Per-request log context and the process's logging: text, or one JSON object per line.
+
+The outermost middleware opens a `RequestRecord` for each request; code on the request's path adds
+to its `fields` (queue wait, batch ids, seeds), and the access line writes them once at the end.
+Every log record made inside the request's context carries its `request_id`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+ACCESS_LOGGER = "tiue.access"
+_LIBRARIES = ("transformers.utils.logging", "diffusers.utils.logging")  # each has its own stderr handler
+_IN_ACCESS_MESSAGE = frozenset({"method", "route", "status", "duration_s"})  # not repeated in text lines
+
+
+class LogFormat(str, Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@dataclass
+class RequestRecord:
+    """One request, as its access line will tell it. `fields` is for code on the request's path to fill."""
+
+    request_id: str
+    method: str
+    route: str
+    client: str | None
+    started: float  # perf_counter
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+_current: ContextVar[RequestRecord | None] = ContextVar("tiue_request", default=None)
+
+
+def current_request() -> RequestRecord | None:
+    """The request being served in this context, or None (startup, the device worker's own task)."""
+    return _current.get()
+
+
+def request_id() -> str | None:
+    record = _current.get()
+    return record.request_id if record is not None else None
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields to the current request's access line; does nothing outside a request."""
+    record = _current.get()
+    if record is not None:
+        record.fields.update(fields)
+
+
+@contextmanager
+def request_context(record: RequestRecord) -> Iterator[RequestRecord]:
+    token = _current.set(record)
+    try:
+        yield record
+    finally:
+        _current.reset(token)
+
+
+def batch_extra(batch_id: int, request_ids: Sequence[str | None]) -> dict[str, Any]:
+    """`extra=` for a log line about a batch (made outside any request): which requests rode in it."""
+    return {"fields": {"batch_id": batch_id, "request_ids": [rid for rid in request_ids if rid]}}
+
+
+def log_access(record: RequestRecord, status: int, duration_s: float, *, quiet: bool = False) -> None:
+    """The request's one access line; `quiet` (probes, metrics scrapes) logs it at debug."""
+    fields = {
+        "method": record.method,
+        "route": record.route,
+        "status": status,
+        "duration_s": round(duration_s, 6),
+        "client": record.client,
+        **record.fields,
+    }
+    logging.getLogger(ACCESS_LOGGER).log(
+        logging.DEBUG if quiet else logging.INFO,
+        "%s %s %d %.3fs",
+        record.method,
+        record.route,
+        status,
+        duration_s,
+        extra={"request_id": record.request_id, "fields": fields},
+    )
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts `request_id` on every record: an explicit `extra={"request_id": ...}`, else the context's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, request_id, the record's `fields`, traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out: dict[str, Any] = {
+            "ts": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None)
+        if rid is not None:
+            out["request_id"] = rid
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            for key, value in fields.items():
+                out.setdefault(str(key), value)
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["traceback"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger: message key=value ... [request_id]`, the traceback (if any) on the lines below."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            line += "".join(
+                f" {key}={_text(value)}"
+                for key, value in fields.items()
+                if key not in _IN_ACCESS_MESSAGE and value is not None
+            )
+        rid = getattr(record, "request_id", None)
+        return f"{line} [{rid}]" if rid else line
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ",".join(_text(item) for item in value)
+    return str(value)
+
+
+def make_handler(fmt: LogFormat, stream: Any = None) -> logging.Handler:
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt is LogFormat.JSON else TextFormatter())
+    return handler
+
+
+def configure_logging(level: str, fmt: LogFormat) -> None:
+    """One handler on the root logger, to stderr; uvicorn, warnings and the model libraries go through it.
+
+    Uvicorn's own access line is off: the service writes its own (`tiue.access`), with the request ID.
+    """
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(make_handler(fmt))
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
+    access.disabled = True
+    logging.captureWarnings(True)
+    for module in _LIBRARIES:
+        try:
+            library = importlib.import_module(module)
+        except ImportError:
+            continue
+        library.disable_default_handler()
+        library.enable_propagation()
