@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from engine.export.cli import add_build_engines_parser, add_export_parser
 
 if TYPE_CHECKING:
     import uvicorn
+    from pydantic import ValidationError
 
     from service.settings import Settings
 
@@ -38,6 +39,7 @@ _SERVE_FLAGS = {  # flag -> Settings field; a flag given on the command line win
     "max_wait_ms": "max_wait_ms",
     "queue_size": "queue_size",
     "log_level": "log_level",
+    "log_format": "log_format",
 }
 
 
@@ -64,6 +66,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait-ms", type=float, help="batch collection window (TIUE_MAX_WAIT_MS)")
     p.add_argument("--queue-size", type=int, help="images that may wait (TIUE_QUEUE_SIZE)")
     p.add_argument("--log-level", help="debug | info | warning | error (TIUE_LOG_LEVEL)")
+    p.add_argument("--log-format", help="text | json: one JSON object per line (TIUE_LOG_FORMAT)")
     p.set_defaults(handler=_run_serve)
 
 
@@ -90,12 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(args)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
-    )
-
-
 def serve_settings(args: argparse.Namespace) -> Settings:
     """TIUE_* environment variables, overridden by the flags given on the command line."""
     from service.settings import Settings
@@ -106,18 +103,35 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def settings_error(exc: ValidationError) -> str:
+    """Each bad setting and what is wrong with it, never the values given: one of them may be an API key."""
+    lines = ["tiue serve: invalid settings"]
+    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"  {field}: {str(error['msg']).removeprefix('Value error, ')}")
+    return _redact("\n".join(lines), os.environ.get("TIUE_API_KEYS", "").split(","))
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    """In case a message quotes a value: the API keys in the environment become `***`."""
+    for secret in sorted((s.strip() for s in secrets if s.strip()), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
     from service.app import create_app
+    from service.logs import configure_logging
 
     try:
         settings = serve_settings(args)
     except ValidationError as exc:
-        print(f"tiue serve: invalid settings\n{exc}", file=sys.stderr)
+        print(settings_error(exc), file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level.value)
+    configure_logging(settings.log_level.value, settings.log_format)
 
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -135,6 +149,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         lifespan="on",
         log_config=None,
         log_level=settings.log_level.value,
+        access_log=False,  # the service writes its own access line, with the request ID (service.logs)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     server = _draining_server(config, app.state.tiue.begin_drain)

@@ -2,29 +2,41 @@
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, error_response
+from service.logs import RequestRecord, log_access, request_context
 from service.metrics import ServiceMetrics
 
 
 class RequestMetricsMiddleware:
-    """Times every HTTP request by route and status, and answers a plain 500 for anything unhandled."""
+    """Outermost: gives each HTTP request its ID and log context, times it by route and status, answers a
+    plain 500 for anything unhandled, and writes the request's one access line, whatever became of it."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: frozenset[str]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        routes: frozenset[str],
+        quiet: frozenset[str] = frozenset(),
+    ):
         self.app = app
         self.metrics = metrics
         self.routes = routes  # known paths; anything else is labelled "other" to bound cardinality
+        self.quiet = quiet  # probe and scrape paths: their access lines go out at debug
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        record = _new_record(scope, self.routes)
+        id_header = (REQUEST_ID_HEADER, record.request_id.encode("ascii"))
         status = 499  # nginx's "client closed request": what we record if no answer was started
         response_started = False
 
@@ -33,19 +45,44 @@ class RequestMetricsMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_and_record)
-        except Exception as exc:
-            if response_started:
-                raise
-            await error_response(exc, self.metrics)(scope, receive, send_and_record)
-        finally:
-            route = scope["path"] if scope["path"] in self.routes else "other"
-            self.metrics.request_duration.labels(route=route, status=str(status)).observe(
-                time.perf_counter() - started
-            )
+        with request_context(record):
+            try:
+                await self.app(scope, receive, send_and_record)
+            except Exception as exc:
+                if response_started:
+                    raise
+                await error_response(exc, self.metrics)(scope, receive, send_and_record)
+            finally:
+                duration = time.perf_counter() - record.started
+                route = scope["path"] if scope["path"] in self.routes else "other"
+                self.metrics.request_duration.labels(route=route, status=str(status)).observe(duration)
+                log_access(record, status, duration, quiet=scope["path"] in self.quiet)
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _new_record(scope: Scope, routes: frozenset[str]) -> RequestRecord:
+    """The caller's X-Request-ID when it is a sane token (it reaches logs and headers), else a new one."""
+    given = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), b"")
+    text = given.decode("latin-1")
+    rid = text if _REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
+    path = scope["path"]
+    if path not in routes:  # the raw form: percent-escaped, so no newline can reach a text log
+        raw = scope.get("raw_path") or path.encode("utf-8", "backslashreplace")
+        path = raw.decode("ascii", "backslashreplace")[:200]
+    client = scope.get("client")
+    return RequestRecord(
+        request_id=rid,
+        method=scope["method"],
+        route=path,
+        client=f"{client[0]}:{client[1]}" if client else None,
+        started=time.perf_counter(),
+    )
 
 
 class InFlightMiddleware:
