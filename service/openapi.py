@@ -23,17 +23,21 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     "400": "The body is not valid JSON (or not UTF-8).",
     "401": "API keys are configured and the request carries none, or a wrong one.",
     "406": "Accept asks for raw image bytes that cannot carry this answer.",
+    "408": "The body did not arrive within the body timeout; the connection is closed.",
     "413": "The body is larger than the server accepts.",
     "415": "The body is not declared as JSON (Content-Type).",
-    "422": "The body is JSON but not a valid request: a field's type or value, or a limit of this server.",
-    "429": "The queue is full; retry after Retry-After seconds.",
+    "422": "The body is JSON but not a valid request: a field's type or value, a limit of this server, "
+    "or more device time than one request may take (code too_costly).",
+    "429": "The queue is full, or this client's share of it or its rate limit is used up; retry after "
+    "Retry-After seconds.",
     "500": "The server failed; the error is in its log.",
-    "503": "Not ready: the model is loading, failed to load, or the server is draining.",
+    "503": "Not ready (the model is loading or failed to load), draining, or handling as many requests "
+    "as it may (code overloaded).",
     "504": "The images were not made within the request timeout.",
 }
-# Errors any operation may answer: the middleware's plain 500, and 413 wherever a body is read.
+# Errors any operation may answer: the middleware's plain 500; and where a body is read, 408 and 413.
 _APP_ERRORS = ("500",)
-_BODY_ERRORS = ("413",)
+_BODY_ERRORS = ("408", "413")
 
 _GENERIC_DESCRIPTIONS = (None, "Additional Response")  # FastAPI's defaults, besides the status's phrase
 
@@ -41,8 +45,17 @@ _RETRY_AFTER = {
     "description": "Seconds to wait before retrying.",
     "schema": {"type": "integer", "minimum": 1},
 }
+# On every answer (service.middleware): the caller's own ID when it is a sane token, else a new one.
+_REQUEST_ID = {
+    "X-Request-ID": {
+        "description": "This request's ID, as in the server's logs (and the error body's request_id).",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
 _HEADERS: dict[str, JsonObject] = {
     "401": {"WWW-Authenticate": {"description": "Always `Bearer`.", "schema": {"type": "string"}}},
+    "408": {"Connection": {"description": "Always `close`.", "schema": {"type": "string"}}},
     "429": {"Retry-After": {**_RETRY_AFTER, "required": True}},
     "503": {"Retry-After": _RETRY_AFTER},
 }
@@ -55,7 +68,9 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             document_limits(schema, settings)
+            document_auth(schema, settings)
             document_errors(schema)
+            document_request_ids(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -74,8 +89,13 @@ def document_limits(schema: JsonObject, settings: Settings) -> None:
             _bound(properties.get(side), "integer", **sides)
         size = properties.get("size")
         if size is not None:
-            limits = " to ".join(str(v) for v in (settings.min_size, settings.max_size) if v is not None)
-            size["description"] = f"{size.get('description', '')}; each side {limits} px".lstrip("; ")
+            size["description"] = f"{size.get('description', '')}; {_sides(settings)}".lstrip("; ")
+
+
+def _sides(settings: Settings) -> str:
+    if settings.max_size is None:
+        return f"each side at least {settings.min_size} px and at most twice the model's native size"
+    return f"each side {settings.min_size} to {settings.max_size} px"
 
 
 def _bound(prop: JsonObject | None, kind: str, **bounds: Any) -> None:
@@ -85,6 +105,17 @@ def _bound(prop: JsonObject | None, kind: str, **bounds: Any) -> None:
     for branch in [prop, *prop.get("anyOf", [])]:
         if branch.get("type") == kind:
             branch.update({key: value for key, value in bounds.items() if value is not None})
+
+
+def document_auth(schema: JsonObject, settings: Settings) -> None:
+    """Without API keys nothing asks for a key, and nothing answers 401: say so."""
+    if settings.auth_enabled:
+        return
+    schema.get("components", {}).pop("securitySchemes", None)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if operation.pop("security", None) is not None:
+                operation.get("responses", {}).pop("401", None)
 
 
 def document_errors(schema: JsonObject) -> None:
@@ -109,6 +140,13 @@ def document_errors(schema: JsonObject) -> None:
                 if status in _HEADERS:
                     response["headers"] = {**response.get("headers", {}), **_HEADERS[status]}
     _drop_unused_validation_schemas(schema)
+
+
+def document_request_ids(schema: JsonObject) -> None:
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                response["headers"] = {**response.get("headers", {}), **_REQUEST_ID}
 
 
 def _drop_unused_validation_schemas(schema: JsonObject) -> None:
