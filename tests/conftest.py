@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The embedded default model and engine caches go to a per-run folder, never the user's cache."""
+    """Engine caches (compiled graphs, the file-hash memo) go to a per-run folder, never the user's cache."""
     os.environ["TIUE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tiue-cache"))
 
 
