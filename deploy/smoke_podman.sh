@@ -4,41 +4,61 @@
 # passes its HEALTHCHECK, and on SIGTERM answers the request in flight before it exits 0.
 #
 # Works without a registry and without network inside the build: the base image can be made with
-# debootstrap, and the Python wheels are downloaded on the host and handed to the build as a build
-# context (the Dockerfile's `wheels` stage), so pip inside the build never reaches an index.
+# debootstrap, and the Python wheels are downloaded on the host (deploy/download_wheels.sh) and
+# handed to the build as a build context (the Dockerfile's `wheels` stage), so pip inside the build
+# never reaches an index. Run it as root (or with sudo): debootstrap and rootful podman need it.
 #
-# Usage: deploy/smoke_podman.sh [--keep] [--help]
-#   --keep   leave the container running afterwards (its name and port are printed)
+# Usage: deploy/smoke_podman.sh [--runtime NAME] [--keep | --keep-images] [--help]
+#   --runtime NAME  OCI runtime podman runs containers with (runc, crun or a path; also SMOKE_RUNTIME).
+#                   Default: podman's own default, or runc when that one fails with the known
+#                   "cgroups in hybrid mode not supported" error (crun on a host with cgroup v1 and v2
+#                   mounted together). The runtime it used is printed.
+#   --keep          leave the container running and keep every image (its name and port are printed)
+#   --keep-images   remove the container but keep the images and the wheelhouse, so a rerun takes seconds
+# Otherwise it removes what this run made: the container, the image, the build's intermediate
+# (build-stage) images, and the base image and the wheelhouse if this run made them. Logs stay in
+# SMOKE_WORK_DIR/logs. A failing step prints "FAIL: <step>: <reason>" and the last lines of its log,
+# then exits 1 (2 for a bad argument).
 #
 # Environment (all optional):
+#   SMOKE_RUNTIME          as --runtime
 #   SMOKE_BASE_IMAGE       base of the cpu target. Default localhost/tiue-base:bookworm, made with
 #                          debootstrap (root, network to the Debian archive) when it does not exist.
 #                          With a registry at hand: SMOKE_BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 #   SMOKE_DEBIAN_MIRROR    mirror for debootstrap (default http://deb.debian.org/debian)
-#   SMOKE_WORK_DIR         wheelhouse and rootfs scratch (default /var/tmp/tiue-smoke)
+#   SMOKE_WORK_DIR         wheelhouse, rootfs scratch and logs (default /var/tmp/tiue-smoke)
 #   SMOKE_TORCH_INDEX_URL  where the CPU torch wheel comes from (default the PyTorch CPU index; pip's own
-#                          find-links/indexes are used as well)
+#                          find-links/indexes and the wheelhouse are used as well; see deploy/download_wheels.sh)
 #   SMOKE_IMAGE            image tag to build (default localhost/tiue-serve:smoke)
 #   SMOKE_PORT             host port on 127.0.0.1 (default 18080)
 #   SMOKE_READY_TIMEOUT_S  how long the model may take to load and warm (default 300)
 #   SMOKE_BUILD_NETWORK    network of the build's RUN steps (default none: proves the build is offline)
-set -euo pipefail
+set -Eeuo pipefail
+shopt -s inherit_errexit
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -E/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 KEEP=0
-for arg in "$@"; do
-  case "$arg" in
-    --keep) KEEP=1 ;;
+KEEP_IMAGES=0
+RUNTIME="${SMOKE_RUNTIME:-}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --keep) KEEP=1; KEEP_IMAGES=1 ;;
+    --keep-images) KEEP_IMAGES=1 ;;
+    --runtime) [[ $# -ge 2 && -n "$2" ]] || { echo "--runtime needs a name (see --help)" >&2; exit 2; }
+               RUNTIME=$2; shift ;;
+    --runtime=*) RUNTIME=${1#--runtime=} ;;
     -h | --help) usage; exit 0 ;;
-    *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE_IMAGE="${SMOKE_BASE_IMAGE:-localhost/tiue-base:bookworm}"
 DEBIAN_MIRROR="${SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 WORK_DIR="${SMOKE_WORK_DIR:-/var/tmp/tiue-smoke}"
+LOGS="$WORK_DIR/logs"
 TORCH_INDEX_URL="${SMOKE_TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
 IMAGE="${SMOKE_IMAGE:-localhost/tiue-serve:smoke}"
 PORT="${SMOKE_PORT:-18080}"
@@ -47,129 +67,187 @@ BUILD_NETWORK="${SMOKE_BUILD_NETWORK:-none}"
 NAME="tiue-smoke-$$"
 URL="http://127.0.0.1:${PORT}"
 OUT="$(mktemp -d)"
+STARTED=$(date +%s)
 
 # runc refuses rlimits above the caller's hard limits (the defaults are higher in many sandboxes).
 ULIMITS=(--ulimit "nofile=$(( $(ulimit -Hn) < 16384 ? $(ulimit -Hn) : 16384 ))"
          --ulimit "nproc=$(( $(ulimit -Hu) < 8192 ? $(ulimit -Hu) : 8192 ))")
+RUNTIME_ARGS=()    # podman's global --runtime, once chosen
+IMAGES_BEFORE=""   # image ids present before this run: cleanup removes only the others
+WHEELS_MADE=0
+STEP="setup"
 
-step() { printf '\n== %s\n' "$*"; }
+step() { STEP=$1; printf '\n== %s\n' "$2"; }
 ok() { printf 'ok   %s\n' "$*"; }
-die() { printf 'FAIL %s\n' "$*" >&2; exit 1; }
+note() { printf 'note %s\n' "$*"; }
+pm() { podman "${RUNTIME_ARGS[@]}" "$@"; }
+
+fail() {  # fail REASON [LOG]: name the step and the reason, show the log's last lines, exit 1
+  printf 'FAIL: %s: %s\n' "$STEP" "$1" >&2
+  if [[ -n "${2:-}" && -s "$2" ]]; then
+    printf -- '--- last lines of %s\n' "$2" >&2
+    tail -n 25 "$2" >&2
+  fi
+  exit 1
+}
+
+on_error() {  # the ERR trap: no command fails silently, even one in a $(...)
+  local rc=$1 line=$2 command=$3
+  if [[ $BASH_SUBSHELL -gt 0 ]]; then exit "$rc"; fi  # the enclosing command reports it
+  fail "\"$command\" exited $rc (line $line)"
+}
+trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
 
 cleanup() {
-  local rc=$?
+  local rc=$? removed=()
+  trap - ERR
+  set +e
   if [[ $rc -ne 0 ]] && podman container exists "$NAME" 2>/dev/null; then
-    echo "--- container logs (last 60 lines)" >&2
-    podman logs --tail 60 "$NAME" >&2 2>&1 || true
+    pm logs "$NAME" > "$LOGS/container.log" 2>&1
+    printf -- '--- container logs (last 40 lines of %s)\n' "$LOGS/container.log" >&2
+    tail -n 40 "$LOGS/container.log" >&2
   fi
   if [[ $KEEP -eq 0 ]]; then
-    podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
+    pm rm -f -t 0 "$NAME" >/dev/null 2>&1
+  fi
+  if [[ $KEEP_IMAGES -eq 0 && -n "$IMAGES_BEFORE" ]]; then
+    mapfile -t removed < <(comm -13 <(echo "$IMAGES_BEFORE") <(podman images -a -q --no-trunc | sort -u))
+    if [[ ${#removed[@]} -gt 0 ]]; then
+      podman rmi -f "${removed[@]}" >/dev/null 2>&1 || podman image prune -f >/dev/null 2>&1
+    fi
+    [[ $WHEELS_MADE -eq 0 ]] || rm -rf "$WHEELS"
+    printf '\ncleanup: removed the container, %d image(s) this run made%s (--keep-images keeps them)\n' \
+      "${#removed[@]}" "$([[ $WHEELS_MADE -eq 0 ]] || echo " and the wheelhouse")"
   fi
   rm -rf "$OUT"
   exit "$rc"
 }
 trap cleanup EXIT
 
-command -v podman >/dev/null || die "podman is not installed (Debian: apt-get install podman)"
-command -v curl >/dev/null || die "curl is not installed"
-mkdir -p "$WORK_DIR"
+step prerequisites "prerequisites"
+mkdir -p "$LOGS"
+command -v podman >/dev/null || fail "podman is not installed (Debian: apt-get install -y podman runc)"
+command -v curl >/dev/null || fail "curl is not installed (Debian: apt-get install -y curl)"
+command -v python3 >/dev/null || fail "python3 is not installed (Debian: apt-get install -y python3-pip)"
+podman info > "$LOGS/podman-info.log" 2>&1 || fail "podman info failed" "$LOGS/podman-info.log"
+IMAGES_BEFORE=$(podman images -a -q --no-trunc | sort -u)
+IMAGES_BEFORE=${IMAGES_BEFORE:-none}
+ok "podman $(podman version --format '{{.Client.Version}}'), run as $(id -un)"
 
-step "base image: $BASE_IMAGE"
+step "base image" "base image: $BASE_IMAGE"
 if podman image exists "$BASE_IMAGE"; then
   ok "present"
 elif [[ "$BASE_IMAGE" == localhost/tiue-base:* ]]; then
-  command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+  command -v debootstrap >/dev/null || fail "debootstrap is not installed (Debian: apt-get install -y debootstrap)"
+  [[ $EUID -eq 0 ]] || fail "debootstrap needs root: run this with sudo, or name a base with SMOKE_BASE_IMAGE"
   suite="${BASE_IMAGE##*:}"
   rootfs="$WORK_DIR/rootfs-$suite"
   rm -rf "$rootfs"
   debootstrap --variant=minbase --include=python3,python3-venv "$suite" "$rootfs" "$DEBIAN_MIRROR" \
-    > "$WORK_DIR/debootstrap.log" 2>&1 || die "debootstrap failed, see $WORK_DIR/debootstrap.log"
-  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
+    > "$LOGS/debootstrap.log" 2>&1 || fail "debootstrap $suite from $DEBIAN_MIRROR failed" "$LOGS/debootstrap.log"
+  # What a container never reads (python:3.11-slim drops the same): package caches and lists, logs,
+  # documentation, manual pages and translations.
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/* \
+    "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/*
+  tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" > "$LOGS/import.log" 2>&1 \
+    || fail "podman import of the debootstrap tree failed" "$LOGS/import.log"
   rm -rf "$rootfs"
   ok "made with debootstrap ($suite)"
 else
-  podman pull "$BASE_IMAGE" >/dev/null || die "cannot pull $BASE_IMAGE"
+  podman pull "$BASE_IMAGE" > "$LOGS/pull.log" 2>&1 || fail "cannot pull $BASE_IMAGE" "$LOGS/pull.log"
   ok "pulled"
 fi
-PY_VERSION="$(podman run --rm "${ULIMITS[@]}" --network none --entrypoint python3 "$BASE_IMAGE" \
-  -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+
+step runtime "container runtime"
+probe() {  # probe [PODMAN GLOBAL ARGS...]: run python3 in the base image; its version is the log's last line
+  podman "$@" run --rm "${ULIMITS[@]}" --network none --entrypoint python3 "$BASE_IMAGE" \
+    -c 'import sys; print("%d.%d" % sys.version_info[:2])' > "$LOGS/runtime.log" 2>&1
+}
+default_runtime=$(podman info --format '{{.Host.OCIRuntime.Name}}')
+if [[ -n "$RUNTIME" ]]; then
+  RUNTIME_ARGS=(--runtime "$RUNTIME")
+  probe "${RUNTIME_ARGS[@]}" || fail "runtime '$RUNTIME' (asked for) cannot run a container here" "$LOGS/runtime.log"
+  ok "runtime $RUNTIME (asked for; podman's default is $default_runtime)"
+elif probe; then
+  RUNTIME=$default_runtime
+  ok "runtime $RUNTIME (podman's default)"
+elif grep -q "cgroups in hybrid mode not supported" "$LOGS/runtime.log"; then
+  note "$default_runtime cannot run containers on this host: $(grep -m 1 -o 'cgroups in hybrid mode.*' "$LOGS/runtime.log")"
+  cp "$LOGS/runtime.log" "$LOGS/runtime-$default_runtime.log"
+  RUNTIME=runc
+  RUNTIME_ARGS=(--runtime runc)
+  probe "${RUNTIME_ARGS[@]}" || fail "$default_runtime fails on cgroups in hybrid mode and runc failed too$(
+    command -v runc >/dev/null || echo " (runc is not installed: apt-get install -y runc)")" "$LOGS/runtime.log"
+  ok "runtime runc (instead of podman's default, $default_runtime; --runtime or SMOKE_RUNTIME choose one)"
+else
+  fail "podman's default runtime, $default_runtime, cannot run a container here (try --runtime runc)" "$LOGS/runtime.log"
+fi
+PY_VERSION=$(tail -n 1 "$LOGS/runtime.log")
+[[ "$PY_VERSION" =~ ^3\.[0-9]+$ ]] || fail "no python3 version from the base image" "$LOGS/runtime.log"
 ok "python $PY_VERSION in the base image"
 
-step "wheelhouse for python $PY_VERSION (downloaded on the host)"
+step wheels "wheelhouse for python $PY_VERSION (downloaded on the host)"
 WHEELS="$WORK_DIR/wheels-py$PY_VERSION"
-mkdir -p "$WHEELS"
-REQS="$OUT/requirements.txt"
-python3 - "$REPO_ROOT/pyproject.toml" > "$REQS" <<'PY'
-import sys
+[[ -d "$WHEELS" ]] || WHEELS_MADE=1
+"$REPO_ROOT/deploy/download_wheels.sh" --python-version "$PY_VERSION" --torch-index-url "$TORCH_INDEX_URL" \
+  "$WHEELS" > "$LOGS/wheels.log" 2>&1 || fail "deploy/download_wheels.sh failed" "$LOGS/wheels.log"
+grep -E '^(ok|note) ' "$LOGS/wheels.log"
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
-
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-for requirement in project["dependencies"] + project["optional-dependencies"]["onnx"]:
-    print(requirement)
-print("setuptools>=68")  # the build backend, for building the project inside the image
-print("wheel")
-PY
-index_args=()
-if [[ -n "$TORCH_INDEX_URL" ]]; then
-  # An index that cannot be reached costs pip retries on every requirement: check it once.
-  if curl -fsS -o /dev/null -m 10 "${TORCH_INDEX_URL%/}/torch/" 2>/dev/null; then
-    index_args=(--extra-index-url "$TORCH_INDEX_URL")
-  else
-    echo "note $TORCH_INDEX_URL is not reachable: torch must come from pip's own indexes or find-links"
-  fi
-fi
-python3 -m pip download --quiet --disable-pip-version-check -d "$WHEELS" "${index_args[@]}" \
-  --only-binary=:all: --implementation cp --python-version "$PY_VERSION" \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  --platform linux_x86_64 -r "$REQS" 2>"$OUT/pip.err" \
-  || { cat "$OUT/pip.err" >&2; die "pip download failed"; }
-ls "$WHEELS"/torch-*+cpu-*.whl >/dev/null 2>&1 || die "no CPU torch wheel in $WHEELS (set SMOKE_TORCH_INDEX_URL)"
-ok "$(find "$WHEELS" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1), torch: $(basename "$(ls "$WHEELS"/torch-*.whl)")"
-
-step "build $IMAGE (target cpu, RUN network: $BUILD_NETWORK)"
+step build "build $IMAGE (target cpu, RUN network: $BUILD_NETWORK, runtime $RUNTIME)"
 start=$(date +%s)
-podman build --format docker --target cpu --network "$BUILD_NETWORK" "${ULIMITS[@]}" \
+pm build --format docker --target cpu --network "$BUILD_NETWORK" "${ULIMITS[@]}" \
   --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   --build-context "wheels=$WHEELS" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels \
-  -t "$IMAGE" "$REPO_ROOT" > "$WORK_DIR/build.log" 2>&1 \
-  || { tail -40 "$WORK_DIR/build.log" >&2; die "build failed, see $WORK_DIR/build.log"; }
-ok "built in $(( $(date +%s) - start )) s, $(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
-[[ "$(podman image inspect --format '{{.Config.User}}' "$IMAGE")" == "10001:10001" ]] || die "image user is not 10001:10001"
+  -t "$IMAGE" "$REPO_ROOT" > "$LOGS/build.log" 2>&1 || fail "podman build failed" "$LOGS/build.log"
+size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
+ok "built in $(( $(date +%s) - start )) s, $(awk -v s="$size" 'BEGIN {printf "%.0f MB", s / 1e6}')"
+[[ "$(podman image inspect --format '{{.Config.User}}' "$IMAGE")" == "10001:10001" ]] \
+  || fail "the image's user is not 10001:10001"
 ok "runs as 10001:10001"
+# Only what serves: no sources, tests, training code, pip or caches; and what the size is made of.
+pm run --rm -i "${ULIMITS[@]}" --network none --user 0:0 --entrypoint /bin/sh "$IMAGE" -s \
+  > "$LOGS/contents.log" 2> "$LOGS/contents.err" <<'SH' || fail "cannot look into the image" "$LOGS/contents.err"
+site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for path in /src /root/.cache "$site/distill" "$site/engine/distill" "$site/tests" "$site/pip" "$site/setuptools"; do
+  [ ! -e "$path" ] || echo "extra $path"
+done
+find "$site" -type d -name tests | sed 's/^/extra /'
+cd "$site" && du -sm /opt/venv torch transformers sympy onnxruntime diffusers | sed 's/^/size /'
+SH
+! grep -q '^extra ' "$LOGS/contents.log" || fail "the image holds what does not serve" "$LOGS/contents.log"
+ok "holds only what serves: $(awk '/^size /{printf "%s%s %s MB", (n++ ? ", " : ""), $3, $2}' "$LOGS/contents.log")"
 
-step "run (read-only root, no capabilities, no new privileges) on 127.0.0.1:$PORT"
-podman run -d --name "$NAME" "${ULIMITS[@]}" \
+step run "run (read-only root, no capabilities, no new privileges) on 127.0.0.1:$PORT"
+pm run -d --name "$NAME" "${ULIMITS[@]}" \
   --read-only --tmpfs /tmp:rw,size=512m,mode=1777 --cap-drop ALL --security-opt no-new-privileges \
-  -p "127.0.0.1:$PORT:8000" "$IMAGE" >/dev/null 2>"$OUT/run.err" \
-  || { cat "$OUT/run.err" >&2; die "podman run failed"; }
+  -p "127.0.0.1:$PORT:8000" "$IMAGE" > "$LOGS/run.log" 2>&1 || fail "podman run failed" "$LOGS/run.log"
 
 wait_for() {  # wait_for PATH TIMEOUT_S: until GET PATH answers 200, failing early if the container exits
-  local path=$1 deadline=$(( $(date +%s) + $2 ))
+  local path=$1 deadline=$(( $(date +%s) + $2 )) running
   until curl -fsS -o /dev/null -m 2 "$URL$path" 2>/dev/null; do
-    [[ "$(podman inspect --format '{{.State.Running}}' "$NAME")" == "true" ]] || die "container exited"
-    (( $(date +%s) < deadline )) || die "$path not 200 after $2 s"
+    running=$(pm inspect --format '{{.State.Running}}' "$NAME")
+    [[ "$running" == "true" ]] || fail "the container exited while waiting for $path"
+    (( $(date +%s) < deadline )) || fail "$path not 200 after $2 s"
     sleep 1
   done
 }
 start=$(date +%s)
 wait_for /livez 60
 ok "/livez 200 after $(( $(date +%s) - start )) s"
+STEP=ready
 wait_for /readyz "$READY_TIMEOUT_S"
 ok "/readyz 200 after $(( $(date +%s) - start )) s (model loaded and warmed)"
-podman healthcheck run "$NAME" >/dev/null 2>&1 || die "the image's HEALTHCHECK fails"
+STEP=healthcheck
+pm healthcheck run "$NAME" > "$LOGS/healthcheck.log" 2>&1 || fail "the image's HEALTHCHECK fails" "$LOGS/healthcheck.log"
 ok "HEALTHCHECK passes"
 
-step "POST /generate"
+step generate "POST /generate"
 code=$(curl -sS -m 120 -o "$OUT/image.png" -w '%{http_code} %{content_type}' -D "$OUT/headers" \
   -H 'Content-Type: application/json' -H 'Accept: image/png' \
-  -d '{"prompt": "a red circle on a white background", "n": 1, "seed": 7}' "$URL/generate")
-[[ "$code" == "200 image/png" ]] || { head -c 600 "$OUT/image.png" >&2; die "raw PNG request answered '$code'"; }
-python3 - "$OUT/image.png" <<'PY' || die "the answer is not a PNG"
+  -d '{"prompt": "a red circle on a white background", "n": 1, "seed": 7}' "$URL/generate" 2>&1) \
+  || fail "curl: $code"
+[[ "$code" == "200 image/png" ]] || fail "raw PNG request answered '$code'" "$OUT/image.png"
+python3 - "$OUT/image.png" > "$OUT/check.log" 2>&1 <<'PY' || fail "the answer is not a PNG" "$OUT/check.log"
 import struct
 import sys
 
@@ -178,13 +256,14 @@ assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
 width, height = struct.unpack(">II", data[16:24])
 print(f"ok   PNG {width}x{height}, {len(data)} bytes")
 PY
+cat "$OUT/check.log"
 seed=$(grep -i '^x-seed:' "$OUT/headers" | tr -d '\r' | cut -d' ' -f2 || true)
 [[ -z "$seed" ]] || ok "seed header: $seed"
 
 code=$(curl -sS -m 120 -o "$OUT/batch.json" -w '%{http_code}' -H 'Content-Type: application/json' \
-  -d '{"prompt": "a blue square", "n": 2, "seed": 11}' "$URL/generate")
-[[ "$code" == "200" ]] || { head -c 600 "$OUT/batch.json" >&2; die "JSON request answered $code"; }
-python3 - "$OUT/batch.json" <<'PY' || die "the JSON answer is wrong"
+  -d '{"prompt": "a blue square", "n": 2, "seed": 11}' "$URL/generate" 2>&1) || fail "curl: $code"
+[[ "$code" == "200" ]] || fail "JSON request answered $code" "$OUT/batch.json"
+python3 - "$OUT/batch.json" > "$OUT/check.log" 2>&1 <<'PY' || fail "the JSON answer is wrong" "$OUT/check.log"
 import base64
 import json
 import sys
@@ -196,43 +275,47 @@ assert all(image[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
 assert images[0] != images[1], "two seeds gave the same image"
 print(f"ok   JSON: 2 PNGs, seeds {[item.get('seed') for item in body['data']]}, timings {body.get('timings')}")
 PY
+cat "$OUT/check.log"
 
-step "GET /metrics"
-curl -fsS -m 10 -o "$OUT/metrics.txt" "$URL/metrics" || die "/metrics did not answer 200"
+step metrics "GET /metrics"
+curl -fsS -m 10 -o "$OUT/metrics.txt" "$URL/metrics" 2> "$OUT/curl.log" || fail "/metrics did not answer 200" "$OUT/curl.log"
 for family in tiue_request_duration_seconds_bucket tiue_queue_wait_seconds_bucket tiue_batch_size_images_bucket \
               tiue_stage_duration_seconds_bucket tiue_images_generated_total tiue_queue_depth tiue_ready; do
-  grep -q "^$family" "$OUT/metrics.txt" || die "/metrics has no $family"
+  grep -q "^$family" "$OUT/metrics.txt" || fail "/metrics has no $family"
 done
 images=$(awk '/^tiue_images_generated_total /{print int($2)}' "$OUT/metrics.txt")
-[[ "$images" -ge 3 ]] || die "tiue_images_generated_total is $images, expected >= 3"
+[[ "${images:-0}" -ge 3 ]] || fail "tiue_images_generated_total is '$images', expected >= 3"
 ok "metric families present; tiue_images_generated_total=$images; $(grep -E '^tiue_ready ' "$OUT/metrics.txt")"
 
 if [[ $KEEP -eq 1 ]]; then
-  printf '\nSMOKE PASSED; container %s left running on %s\n' "$NAME" "$URL"
+  printf '\nSMOKE PASSED in %d s (runtime %s); container %s left running on %s\n' \
+    "$(( $(date +%s) - STARTED ))" "$RUNTIME" "$NAME" "$URL"
   exit 0
 fi
 
-step "SIGTERM with a request in flight: it is answered, then the process exits 0"
+step drain "SIGTERM with a request in flight: it is answered, then the process exits 0"
 curl -sS -m 120 -o "$OUT/drain.json" -w '%{http_code}' -H 'Content-Type: application/json' \
   -d '{"prompt": "a green triangle", "n": 2, "seed": 3}' "$URL/generate" > "$OUT/drain.code" 2>&1 &
 drain_pid=$!
 deadline=$(( $(date +%s) + 20 ))
 until curl -fsS -m 2 "$URL/metrics" 2>/dev/null | grep -Eq '^tiue_in_flight_requests [1-9]'; do
-  (( $(date +%s) < deadline )) || die "the request never showed as in flight"
+  (( $(date +%s) < deadline )) || fail "the request never showed as in flight"
   sleep 0.2
 done
 start=$(date +%s)
-podman stop -t 45 "$NAME" >/dev/null
+pm stop -t 45 "$NAME" > "$LOGS/stop.log" 2>&1 || fail "podman stop failed" "$LOGS/stop.log"
 wait "$drain_pid" || true
-[[ "$(cat "$OUT/drain.code")" == "200" ]] || die "the in-flight request got '$(cat "$OUT/drain.code")' during shutdown"
+[[ "$(cat "$OUT/drain.code")" == "200" ]] || fail "the in-flight request got '$(cat "$OUT/drain.code")' during shutdown"
 ok "the in-flight request was answered 200 during shutdown"
-code=$(podman inspect --format '{{.State.ExitCode}}' "$NAME")
-[[ "$code" == "0" ]] || die "exit code $code after SIGTERM"
+code=$(pm inspect --format '{{.State.ExitCode}}' "$NAME")
+[[ "$code" == "0" ]] || fail "exit code $code after SIGTERM"
 ok "exited 0, $(( $(date +%s) - start )) s after SIGTERM"
-if podman logs "$NAME" 2>&1 | grep -q 'Traceback'; then
-  podman logs "$NAME" 2>&1 | grep -B2 -A20 'Traceback' >&2
-  die "a traceback in the logs"
+pm logs "$NAME" > "$LOGS/container.log" 2>&1
+if grep -q 'Traceback' "$LOGS/container.log"; then
+  grep -B2 -A20 'Traceback' "$LOGS/container.log" > "$OUT/traceback.log"
+  fail "a traceback in the container's logs" "$OUT/traceback.log"
 fi
 ok "no traceback in the logs"
 
-printf '\nSMOKE PASSED\n'
+printf '\nSMOKE PASSED in %d s (runtime %s, image %s %s)\n' "$(( $(date +%s) - STARTED ))" "$RUNTIME" "$IMAGE" \
+  "$(awk -v s="$size" 'BEGIN {printf "%.0f MB", s / 1e6}')"
