@@ -96,7 +96,11 @@ class Batch:
     def live_items(self, now: float, seconds_for: Callable[[int], float]) -> list[WorkItem]:
         """The items still worth computing: not abandoned, and able to finish before their deadline
         if the batch starts now (`seconds_for(images)` estimates the batch). Safe on the device thread."""
-        live = [item for item in self.items if not item.abandoned and item.deadline > now]
+        # future.done() is a plain read of its state: current even before its callbacks (which set
+        # `abandoned`) have run on the loop.
+        live = [
+            item for item in self.items if not (item.abandoned or item.future.done()) and item.deadline > now
+        ]
         finish = now + seconds_for(sum(item.images for item in live)) if live else now
         return [item for item in live if item.deadline >= finish]
 

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+STAGE_BELOW_S = 0.05  # estimated device seconds of the running batch below which the next is staged
+
 
 class EngineContractError(RuntimeError):
     """The engine returned something other than one image per request, in order."""
@@ -104,8 +106,10 @@ class DeviceWorker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, pipeline: Pipeline) -> None:
-        """One batch runs on the device thread; a full one may wait right behind it in the executor's
-        queue, so that under load the device goes from batch to batch without a trip through the loop."""
+        """One batch runs on the device thread; behind a short one, a full one may wait in the executor's
+        queue, so that under load the device goes from batch to batch without a trip through the loop.
+        Behind a long batch nothing is staged: the fair queue decides when the device is free, so a
+        request that arrives meanwhile from another client is not put behind a batch formed before it."""
         running: _Run | None = None
         staged: _Run | None = None
         try:
@@ -117,9 +121,10 @@ class DeviceWorker:
                         return
                 else:
                     running, staged = staged, None
-                full = self._batcher.full_batch_nowait()  # only a full batch is formed early
-                if full is not None:
-                    staged = self._submit(pipeline, full)
+                if running.batch.cost_s <= STAGE_BELOW_S:
+                    full = self._batcher.full_batch_nowait()  # only a full batch is formed early
+                    if full is not None:
+                        staged = self._submit(pipeline, full)
                 await self._finish(running)
                 running = None
         except asyncio.CancelledError:

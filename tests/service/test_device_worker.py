@@ -14,7 +14,7 @@ from fakes import FakeEngine, wait_until
 from engine.types import BatchResult, GenerationRequest
 from service.batcher import MicroBatcher
 from service.cost import CostModel
-from service.errors import BatchFailed, ShuttingDown
+from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.worker import DeviceWorker
 
@@ -31,7 +31,9 @@ def deadline() -> float:
 
 def setup(engine: FakeEngine, max_batch: int = 4, wait_s: float = 0.0) -> tuple[MicroBatcher, DeviceWorker]:
     batcher = MicroBatcher(max_batch_images=max_batch, max_wait_s=wait_s, capacity_images=64)
-    worker = DeviceWorker(batcher, ServiceMetrics(max_batch), CostModel())
+    cost = CostModel()
+    cost.observe(SIZE, 1, 0.001)  # fast: a full batch is staged behind the running one
+    worker = DeviceWorker(batcher, ServiceMetrics(max_batch), cost)
     worker.start(engine)
     return batcher, worker
 
@@ -175,3 +177,69 @@ async def test_stop_fails_a_staged_batch_too(engine: FakeEngine) -> None:
         with pytest.raises(ShuttingDown):
             future.result()
     engine.gate.set()
+
+
+def setup_costed(
+    engine: FakeEngine, seconds_per_image: float, max_batch: int = 4
+) -> tuple[MicroBatcher, DeviceWorker, ServiceMetrics]:
+    """A worker whose cost model believes each image takes `seconds_per_image`."""
+    batcher = MicroBatcher(max_batch_images=max_batch, max_wait_s=0.0, capacity_images=64)
+    cost = CostModel()
+    cost.observe(SIZE, 1, seconds_per_image)
+    metrics = ServiceMetrics(max_batch)
+    worker = DeviceWorker(batcher, metrics, cost)
+    worker.start(engine)
+    return batcher, worker, metrics
+
+
+def counted(metrics: ServiceMetrics, name: str, reason: str) -> float:
+    value = metrics.registry.get_sample_value(f"tiue_images_{name}_total", {"reason": reason})
+    assert value is not None
+    return value
+
+
+async def test_a_staged_batch_whose_requests_gave_up_is_never_computed(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    batcher, worker, metrics = setup_costed(engine, seconds_per_image=0.001)
+    running = batcher.submit(SIZE, reqs(4, seed=0), deadline())
+    staged = batcher.submit(SIZE, reqs(4, seed=10), deadline())  # a full batch: staged behind the first
+    await engine.wait_entered()  # the device holds batch 1; batch 2 waits in the device's queue
+    for future in staged:
+        future.cancel()  # its client hung up while it waited
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(*running), 5)
+    await wait_until(lambda: counted(metrics, "skipped", "cancelled") == 4)
+    assert [[r.seed for r in batch] for batch in engine.batches] == [[0, 1, 2, 3]]
+    assert counted(metrics, "discarded", "cancelled") == 0
+    await worker.stop(5)
+
+
+async def test_a_request_that_cannot_finish_in_time_is_answered_504_without_computing(
+    engine: FakeEngine,
+) -> None:
+    engine.gate.clear()
+    batcher, worker, metrics = setup_costed(engine, seconds_per_image=1.0)  # the model says 1 s an image
+    running = batcher.submit(SIZE, reqs(4, seed=0), deadline())
+    await engine.wait_entered()
+    (late,) = batcher.submit(SIZE, reqs(1, seed=10), time.monotonic() + 0.5)  # needs ~1 s, has 0.5
+    keeps = batcher.submit(SIZE, reqs(3, seed=20), deadline())
+    engine.gate.set()
+    with pytest.raises(DeadlineExceeded, match="not computed"):
+        await asyncio.wait_for(late, 5)
+    await asyncio.wait_for(asyncio.gather(*running, *keeps), 5)
+    assert [r.seed for r in engine.batches[1]] == [20, 21, 22]  # the rest of its batch still ran
+    assert counted(metrics, "skipped", "expired") == 1
+    await worker.stop(5)
+
+
+async def test_images_made_for_a_request_that_gave_up_meanwhile_are_counted_as_discarded(
+    engine: FakeEngine,
+) -> None:
+    engine.gate.clear()
+    batcher, worker, metrics = setup_costed(engine, seconds_per_image=0.001)
+    (future,) = batcher.submit(SIZE, reqs(2), deadline())
+    await engine.wait_entered()
+    future.cancel()  # too late to skip: the device has it
+    engine.gate.set()
+    await wait_until(lambda: counted(metrics, "discarded", "cancelled") == 2)
+    await worker.stop(5)
