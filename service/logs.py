@@ -193,3 +193,5 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
             continue
         library.disable_default_handler()
         library.enable_propagation()
+        if fmt is LogFormat.JSON:
+            library.disable_progress_bar()  # tqdm writes to stderr directly, and not in lines

@@ -83,6 +83,7 @@ def restore_logging() -> Iterator[None]:
         for library in (transformers_logging, diffusers_logging):  # back to their own stderr handlers
             library.enable_default_handler()
             library.disable_propagation()
+            library.enable_progress_bar()
 
 
 class WarningEngine(FakeEngine):
