@@ -101,3 +101,15 @@ def test_dockerignore_is_an_allow_list() -> None:
     allowed = {line[1:] for line in lines if line.startswith("!")}
     assert {"pyproject.toml", "engine", "service"} <= allowed
     assert not allowed & {"tests", "k8s", ".git", "deploy", "bench"}
+    # inside the allowed folders: training code, tests and build leftovers stay out too
+    assert {"engine/distill", "**/tests", "**/build", "**/*.egg-info", "**/__pycache__"} <= set(lines)
+    assert not allowed & {"distill", "docs"}
+
+
+def test_cpu_venv_is_trimmed_then_proven() -> None:
+    """The build stage drops torch's C++ tests and headers, test suites, pip; then imports what serves."""
+    trim = stages()["cpu-build"][-1]
+    for gone in ("torch/test", "torch/include", "-name tests", "uninstall --yes --quiet pip setuptools"):
+        assert gone in trim, gone
+    assert trim.index("uninstall") < trim.index("import torch"), "the imports run after the trim"
+    assert "service.app" in trim and "tiue --help" in trim
