@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from deploy_checks import ROOT, run, tool
 
 SCRIPT = ROOT / "deploy" / "smoke_podman.sh"
@@ -62,7 +61,15 @@ def test_script_is_executable_and_documents_itself() -> None:
     assert os.access(SCRIPT, os.X_OK)
     result = run(["bash", str(SCRIPT), "--help"], timeout=10)
     assert result.returncode == 0, result.stderr
-    for word in ("Usage:", "SMOKE_BASE_IMAGE", "debootstrap", "--keep", "--keep-images", "--runtime", "SMOKE_RUNTIME"):
+    for word in (
+        "Usage:",
+        "SMOKE_BASE_IMAGE",
+        "debootstrap",
+        "--keep",
+        "--keep-images",
+        "--runtime",
+        "SMOKE_RUNTIME",
+    ):
         assert word in result.stdout
     assert run(["bash", str(SCRIPT), "--bogus"], timeout=10).returncode == 2
     assert run(["bash", str(SCRIPT), "--runtime"], timeout=10).returncode == 2
