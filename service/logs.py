@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -68,11 +68,6 @@ def request_context(record: RequestRecord) -> Iterator[RequestRecord]:
         yield record
     finally:
         _current.reset(token)
-
-
-def batch_extra(batch_id: int, request_ids: Sequence[str | None]) -> dict[str, Any]:
-    """`extra=` for a log line about a batch (made outside any request): which requests rode in it."""
-    return {"fields": {"batch_id": batch_id, "request_ids": [rid for rid in request_ids if rid]}}
 
 
 def log_access(record: RequestRecord, status: int, duration_s: float, *, quiet: bool = False) -> None:
