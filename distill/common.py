@@ -47,12 +47,6 @@ def to_unit(images_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def need(path: Path, stage: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `python -m distill {stage}` first")

@@ -7,16 +7,12 @@ pass, DDIM folded).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
 from engine.denoiser import TiUEDenoiser
 from engine.schedule import DDIMChain
-
-OnePassFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class OnePassWithEps(nn.Module):

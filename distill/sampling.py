@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from distill.common import to_uint8
 from distill.models import LATENT_CHANNELS, LATENT_SIZE
+from engine.pipeline import to_uint8
 
 
 def initial_noise(seeds: list[int], size: int = LATENT_SIZE) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, UnsupportedSizeError
+from engine.export.profiles import ModelDims
 from engine.loading import Components, load_components
 from engine.types import DEVICE_STAGES, BatchResult, GeneratedImage, GenerationRequest, ModelInfo
 
@@ -29,21 +30,21 @@ class TiUEPipeline:
         self.components = components
         self.backend = backend
         self.config = config
+        self.dims = ModelDims.from_components(components)
+        self.vae_scale = self.dims.vae_scale
+        self.latent_channels = self.dims.latent_channels
         vae_cfg = components.vae.config
-        self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self.latent_channels = int(components.unet.config.in_channels)
         self.scaling_factor = float(vae_cfg.scaling_factor)
         self.shift_factor = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
-        unet_downs = len(components.unet.config.block_out_channels) - 1
         self.info = ModelInfo(
             name=components.name,
             backend=backend.name,
             dtype=config.precision.value,
             device=str(backend.device),
             steps=components.chain.steps,
-            max_prompt_tokens=int(components.tokenizer.model_max_length),
-            size_multiple=self.vae_scale * 2**unet_downs,
-            default_size=int(components.unet.config.sample_size) * self.vae_scale,
+            max_prompt_tokens=self.dims.seq_len,
+            size_multiple=self.dims.size_multiple,
+            default_size=self.dims.default_size,
         )
 
     # -- validation -----------------------------------------------------------------------------
@@ -73,23 +74,19 @@ class TiUEPipeline:
     # -- generation -----------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> BatchResult:
-        """One image per request, in order. All requests must share a size."""
+        """One image per request, in order, in one batch: all of one size, at most `max_batch_size`
+        (compiled profiles are sized from it; the service's batcher forms batches within it)."""
         if not requests:
             return BatchResult(images=[])
         if len({r.shape_key for r in requests}) != 1:
             raise InvalidRequestError("all requests in one batch must have the same width and height")
+        if len(requests) > self.config.max_batch_size:
+            raise InvalidRequestError(
+                f"a batch holds at most {self.config.max_batch_size} images (max_batch_size); got {len(requests)}"
+            )
         for r in requests:
             self.validate(r)
-        images: list[GeneratedImage] = []
         timings: dict[str, float] = {}
-        step = max(1, self.config.max_batch_size)
-        for start in range(0, len(requests), step):
-            chunk = requests[start : start + step]
-            pixels = self._generate_chunk(chunk, timings)
-            images += [GeneratedImage(p, r.seed) for p, r in zip(pixels, chunk, strict=True)]
-        return BatchResult(images=images, timings=timings)
-
-    def _generate_chunk(self, requests: Sequence[GenerationRequest], timings: dict[str, float]) -> np.ndarray:
         width, height = requests[0].shape_key
         text_encode, denoise, vae_decode = DEVICE_STAGES
         with self._timed(text_encode, timings):
@@ -101,7 +98,9 @@ class TiUEPipeline:
         with self._timed(vae_decode, timings):
             images = self.backend.decode(z_0 / self.scaling_factor + self.shift_factor)
             pixels = to_uint8(images)
-        return pixels
+        return BatchResult(
+            [GeneratedImage(p, r.seed) for p, r in zip(pixels, requests, strict=True)], timings
+        )
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.components.tokenizer
@@ -146,7 +145,7 @@ class TiUEPipeline:
         yield
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        timings[stage] = time.perf_counter() - start
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

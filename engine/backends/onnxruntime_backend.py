@@ -16,8 +16,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
+from engine.export.cache import Entry
 from engine.export.contracts import CONTRACTS, DENOISER, TEXT_ENCODER, VAE_DECODER
-from engine.export.onnx_export import ensure_onnx
 from engine.export.profiles import ModelDims, outside_profiles
 from engine.loading import Components
 
@@ -56,7 +56,16 @@ def _providers(ort: Any, device: torch.device) -> list[Any]:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, components: Components, config: EngineConfig):
+    @staticmethod
+    def check_runnable(config: EngineConfig) -> None:
+        _providers(_import_onnxruntime(), torch.device(config.device))
+
+    def __init__(self, components: Components, config: EngineConfig, artefacts: Entry | None):
+        """`artefacts`: the ONNX graphs' cache entry (engine.export.artefacts decides which)."""
+        if artefacts is None:
+            raise BackendUnavailableError(
+                "the onnxruntime backend runs exported ONNX graphs, and none were given"
+            )
         ort = _import_onnxruntime()
         self.device = torch.device(config.device)
         self.precision = config.precision
@@ -64,7 +73,7 @@ class OnnxRuntimeBackend:
         providers = _providers(ort, self.device)
         self.dims = ModelDims.from_components(components)
         started = time.perf_counter()
-        entry = ensure_onnx(components, config)
+        entry = artefacts
         self.artefacts = entry.path
         self.profiles = entry.key.profiles
         options = ort.SessionOptions()

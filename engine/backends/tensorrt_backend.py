@@ -18,10 +18,11 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
+from engine.export.cache import Entry
 from engine.export.contracts import CONTRACTS, DENOISER, TEXT_ENCODER, VAE_DECODER, ComponentContract
 from engine.export.onnx_export import EXPORT_PRECISIONS
 from engine.export.profiles import ModelDims, outside_profiles
-from engine.export.tensorrt_build import ensure_tensorrt, gpu_identity, import_tensorrt, make_logger
+from engine.export.tensorrt_build import gpu_identity, import_tensorrt, make_logger
 from engine.loading import Components
 
 log = logging.getLogger(__name__)
@@ -185,27 +186,35 @@ def _within(shape: Shape, low: Any, high: Any) -> bool:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, components: Components, config: EngineConfig):
-        trt = import_tensorrt()
+    @staticmethod
+    def check_runnable(config: EngineConfig) -> None:
+        import_tensorrt()
         if not torch.cuda.is_available():
             raise BackendUnavailableError(
                 "the tensorrt backend needs an NVIDIA GPU, and torch sees none here; "
-                "use the onnxruntime or torch backend on this machine"
+                "use --backend onnxruntime or --backend torch on this machine"
             )
-        self.device = torch.device(config.device)
-        if self.device.type != "cuda":
+        if torch.device(config.device).type != "cuda":
             raise BackendUnavailableError(
-                f"the tensorrt backend runs on a CUDA device, not {config.device!r}"
+                f"the tensorrt backend runs on a CUDA device, not {config.device!r}; pass --device cuda"
             )
         if config.precision not in EXPORT_PRECISIONS:
             raise BackendUnavailableError(
-                f"the tensorrt backend runs fp32 or fp16, not {config.precision.value}"
+                f"the tensorrt backend runs fp32 or fp16, not {config.precision.value}; pass --precision fp16"
             )
+
+    def __init__(self, components: Components, config: EngineConfig, artefacts: Entry | None):
+        """`artefacts`: the engines' cache entry, for this GPU and TensorRT (engine.export.artefacts)."""
+        self.check_runnable(config)
+        if artefacts is None:
+            raise BackendUnavailableError("the tensorrt backend runs built engines, and none were given")
+        trt = import_tensorrt()
+        self.device = torch.device(config.device)
         self.dtype = config.precision.torch_dtype
         self.dims = ModelDims.from_components(components)
         started = time.perf_counter()
         gpu = gpu_identity(self.device)
-        entry = ensure_tensorrt(components, config, trt, gpu)
+        entry = artefacts
         self.artefacts = entry.path
         self.profiles = entry.key.profiles
         torch.cuda.set_device(self.device)

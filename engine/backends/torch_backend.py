@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.config import EngineConfig
 from engine.denoiser import TiUEDenoiser
+from engine.export.cache import Entry
 from engine.loading import Components
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ class _TextEncoder(nn.Module):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, components: Components, config: EngineConfig):
+    @staticmethod
+    def check_runnable(config: EngineConfig) -> None:
+        """Torch runs wherever it imports; a bad device fails when the modules move to it."""
+
+    def __init__(self, components: Components, config: EngineConfig, artefacts: Entry | None = None):
         self.device = torch.device(config.device)
         self.dtype = config.precision.torch_dtype
         self.text_encoder: nn.Module = _TextEncoder(components.text_encoder)

@@ -216,6 +216,10 @@ class ArtefactStore:
                 log.warning("ignoring unreadable manifest %s: %s", manifest, exc)
         return out
 
+    def exact(self, key: ArtefactKey) -> Entry | None:
+        """The undamaged entry built for exactly `key`, if there is one."""
+        return next((e for e in self.entries(key.kind) if e.key == key and not e.problems()), None)
+
     def find(
         self, want: ArtefactKey, accept: Callable[[Entry], str | None]
     ) -> tuple[Entry | None, list[str]]:

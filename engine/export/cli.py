@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.export.profiles import Range
 
@@ -122,54 +122,39 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_build_engines(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
     from engine.errors import EngineError
-    from engine.export.cache import engine_store, model_content_hash
-    from engine.export.onnx_export import export_onnx_entry, onnx_key
+    from engine.export.onnx_export import ensure_onnx
     from engine.export.profiles import ModelDims, profiles_from_specs
-    from engine.export.tensorrt_build import build_tensorrt_entry, tensorrt_key
+    from engine.export.tensorrt_build import ensure_tensorrt, tensorrt_target
+    from engine.types import BackendName
 
     try:
-        target = _tensorrt_target(args) if args.backend == "tensorrt" else None  # fail before any work
+        backend = BackendName(args.backend)
+        trt = backend is BackendName.TENSORRT
+        target = (
+            tensorrt_target(_device(args.device), build_without_gpu=True) if trt else None
+        )  # before any work
         components, precision = _load(args)
         profiles = profiles_from_specs(args.sizes, args.batch, ModelDims.from_components(components))
-        store = engine_store(args.engine_dir)
-        model_hash = model_content_hash(components.path)
-        if target is not None:
-            trt, gpu = target
-            want = tensorrt_key(
-                onnx_key(model_hash, components.chain.steps, precision, profiles),
-                trt,
-                gpu[0] if gpu else None,
-            )
-            built = next((e for e in store.entries("tensorrt") if e.key == want and not e.problems()), None)
-            if built is not None:
-                _report(built, "already built")
-                return 0
-        entry = export_onnx_entry(store, components, precision, profiles, model_hash)
-        if target is not None:
-            entry = build_tensorrt_entry(store, components, entry, precision, profiles, *target)
+        config = EngineConfig(
+            model_dir=args.model,
+            backend=backend,
+            precision=precision,
+            steps=args.steps,
+            engine_dir=args.engine_dir,
+            build_engines=True,
+            max_batch_size=min(p.batch.max for p in profiles),
+        )
+        if target is None:
+            entry = ensure_onnx(components, config, profiles=profiles)
+        else:
+            entry = ensure_tensorrt(components, config, *target, profiles=profiles)
     except (EngineError, ValueError) as exc:
         sys.stderr.write(f"tiue build-engines: {exc}\n")
         return 2 if isinstance(exc, ValueError) else 1
-    _report(entry, "built")
+    _report(entry, "ready")
     return 0
-
-
-def _tensorrt_target(args: argparse.Namespace) -> tuple[Any, tuple[str, str] | None]:
-    """The TensorRT module and the GPU (compute capability, name) to build for."""
-    import torch
-
-    from engine.errors import EngineError
-    from engine.export.tensorrt_build import gpu_identity, import_tensorrt, is_rtx
-
-    trt = import_tensorrt()
-    if torch.cuda.is_available():
-        device = _device(args.device)
-        return trt, gpu_identity(device if device.startswith("cuda") else "cuda")
-    if is_rtx(trt):
-        log.warning("no GPU: building TensorRT-RTX engines for no particular GPU")
-        return trt, None
-    raise EngineError("building TensorRT engines needs the GPU they will run on, and torch sees none")
 
 
 def main(argv: list[str] | None = None) -> int:

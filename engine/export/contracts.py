@@ -20,7 +20,6 @@ from engine.loading import Components
 from engine.types import Precision
 
 TEXT_ENCODER, DENOISER, VAE_DECODER = "text_encoder", "denoiser", "vae_decoder"
-COMPONENT_NAMES = (TEXT_ENCODER, DENOISER, VAE_DECODER)
 DYNAMIC_DIMS = frozenset({"batch", "height", "width", "image_height", "image_width"})
 
 Shape = tuple[int, ...]

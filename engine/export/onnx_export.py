@@ -160,7 +160,7 @@ def export_onnx_entry(
     key = onnx_key(
         model_hash or model_content_hash(components.path), components.chain.steps, precision, profiles
     )
-    existing = next((e for e in store.entries("onnx") if e.key == key and not e.problems()), None)
+    existing = store.exact(key)
     if existing is not None:
         return existing
     info = {
@@ -171,16 +171,22 @@ def export_onnx_entry(
     return store.create(key, lambda tmp: export_all(components, precision, profiles, tmp), info)
 
 
-def ensure_onnx(components: Components, config: EngineConfig, model_hash: str | None = None) -> Entry:
-    """The ONNX graphs a backend needs: from the cache, exported now if `config.build_engines`, or an
-    error that says what is there and how to make what is missing."""
+def ensure_onnx(
+    components: Components,
+    config: EngineConfig,
+    model_hash: str | None = None,
+    profiles: tuple[Profile, ...] | None = None,
+) -> Entry:
+    """The ONNX graphs for this model and precision (and `profiles`, default: sized from
+    max_batch_size): from the cache, exported now if `config.build_engines`, or an error that says
+    what is there and how to make what is missing."""
     if config.precision not in EXPORT_PRECISIONS:
         raise BackendUnavailableError(
-            f"compiled backends run in fp32 or fp16, not {config.precision.value}; set the precision to one of them"
+            f"compiled backends run in fp32 or fp16, not {config.precision.value}; pass --precision fp16 or fp32"
         )
     store = engine_store(config.engine_dir)
     model_hash = model_hash or model_content_hash(components.path)
-    profiles = default_profiles(ModelDims.from_components(components), config.max_batch_size)
+    profiles = profiles or default_profiles(ModelDims.from_components(components), config.max_batch_size)
     want = onnx_key(model_hash, components.chain.steps, config.precision, profiles)
 
     def build() -> Entry:
@@ -188,7 +194,8 @@ def ensure_onnx(components: Components, config: EngineConfig, model_hash: str | 
 
     hint = (
         f"Export them ahead of time with `tiue export --model {components.path} --out {store.root} "
-        f"--precision {config.precision.value} --batch {profiles[0].batch}`, or set build_engines to export at load."
+        f"--precision {config.precision.value} --batch {profiles[0].batch}`, or pass --build-engines "
+        "(TIUE_BUILD_ENGINES=true) to export at load."
     )
     return find_or_build(
         store, want, batch_acceptor(config.max_batch_size), build if config.build_engines else None, hint

@@ -104,6 +104,16 @@ class ModelDims:
             default_latent=int(unet.sample_size),
         )
 
+    @property
+    def size_multiple(self) -> int:
+        """Image width and height must be multiples of this many pixels."""
+        return self.vae_scale * self.latent_multiple
+
+    @property
+    def default_size(self) -> int:
+        """The model's native image side, in pixels."""
+        return self.default_latent * self.vae_scale
+
     def resolve(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Every named dimension a contract may use."""
         return {

@@ -78,6 +78,26 @@ def gpu_identity(device: torch.device | str = "cuda") -> tuple[str, str]:
     return f"sm_{major}{minor}", torch.cuda.get_device_name(device)
 
 
+def tensorrt_target(
+    device: str, *, build_without_gpu: bool = False
+) -> tuple[ModuleType, tuple[str, str] | None]:
+    """The TensorRT module and the GPU (compute capability, name) whose engines to load or build.
+
+    Without a CUDA GPU only TensorRT-RTX can build (`build_without_gpu`: for no particular GPU, as
+    the tests do); anything else is refused before any work, naming what to use instead."""
+    trt = import_tensorrt()
+    if torch.cuda.is_available():
+        target = torch.device(device if device.startswith("cuda") else "cuda")
+        return trt, gpu_identity(target)
+    if build_without_gpu and is_rtx(trt):
+        log.warning("no GPU: building TensorRT-RTX engines for no particular GPU")
+        return trt, None
+    raise BackendUnavailableError(
+        "TensorRT engines load and build on the NVIDIA GPU they run on, and torch sees none here; "
+        "use --backend onnxruntime or --backend torch on this machine"
+    )
+
+
 def tensorrt_key(onnx: ArtefactKey, trt: ModuleType, compute_capability: str | None) -> ArtefactKey:
     """An engine depends on everything its ONNX graphs do, plus the TensorRT build and the GPU."""
     return dataclasses.replace(
@@ -176,7 +196,7 @@ def build_tensorrt_entry(
         dims.check(p)
     onnx_want = dataclasses.replace(onnx_entry.key, profiles=profiles)
     key = tensorrt_key(onnx_want, trt, gpu[0] if gpu else None)
-    existing = next((e for e in store.entries("tensorrt") if e.key == key and not e.problems()), None)
+    existing = store.exact(key)
     if existing is not None:
         log.info("engines for this key are already built: %s", existing.path)
         return existing
@@ -212,29 +232,36 @@ def tensorrt_want(
     trt: ModuleType,
     compute_capability: str | None,
     model_hash: str,
+    profiles: tuple[Profile, ...] | None = None,
 ) -> tuple[ArtefactKey, tuple[Profile, ...]]:
-    profiles = default_profiles(ModelDims.from_components(components), config.max_batch_size)
+    profiles = profiles or default_profiles(ModelDims.from_components(components), config.max_batch_size)
     onnx = onnx_key(model_hash, components.chain.steps, config.precision, profiles)
     return tensorrt_key(onnx, trt, compute_capability), profiles
 
 
 def ensure_tensorrt(
-    components: Components, config: EngineConfig, trt: ModuleType, gpu: tuple[str, str] | None
+    components: Components,
+    config: EngineConfig,
+    trt: ModuleType,
+    gpu: tuple[str, str] | None,
+    profiles: tuple[Profile, ...] | None = None,
 ) -> Entry:
-    """The engines for this model, precision, TensorRT and GPU: cached, built now if the config
-    allows, or an error naming what the cached ones were built for."""
+    """The engines for this model, precision, TensorRT and GPU (and `profiles`, default: sized from
+    max_batch_size): cached, built now if `config.build_engines`, or an error naming what the cached
+    ones were built for."""
     store = engine_store(config.engine_dir)
     model_hash = model_content_hash(components.path)
-    want, profiles = tensorrt_want(components, config, trt, gpu[0] if gpu else None, model_hash)
+    want, profiles = tensorrt_want(components, config, trt, gpu[0] if gpu else None, model_hash, profiles)
 
     def build() -> Entry:
-        onnx_entry = ensure_onnx(components, dataclasses.replace(config, build_engines=True), model_hash)
+        building = dataclasses.replace(config, build_engines=True)
+        onnx_entry = ensure_onnx(components, building, model_hash, profiles)
         return build_tensorrt_entry(store, components, onnx_entry, config.precision, profiles, trt, gpu)
 
     hint = (
         f"Build them ahead of time on a machine with this GPU and TensorRT with `tiue build-engines --model "
         f"{components.path} --engine-dir {store.root} --precision {config.precision.value} "
-        f"--batch {profiles[0].batch}`, or set build_engines to build at load."
+        f"--batch {profiles[0].batch}`, or pass --build-engines (TIUE_BUILD_ENGINES=true) to build at load."
     )
     return find_or_build(
         store, want, batch_acceptor(config.max_batch_size), build if config.build_engines else None, hint

@@ -53,10 +53,12 @@ def test_seed_and_prompt_change_the_image(pipeline: TiUEPipeline) -> None:
     assert np.array_equal(a.pixels, a2.pixels)
 
 
-def test_batches_larger_than_max_are_chunked(tiny_model_dir: Path) -> None:
+def test_a_batch_over_max_batch_size_is_refused(tiny_model_dir: Path) -> None:
+    """Forming batches is the caller's job (the service's batcher); the pipeline runs one as given."""
     pipe = load_pipeline(EngineConfig(model_dir=tiny_model_dir, max_batch_size=2))
-    images = pipe.generate([_req("cat", s) for s in range(5)]).images
-    assert [im.seed for im in images] == [0, 1, 2, 3, 4]
+    with pytest.raises(InvalidRequestError, match="at most 2 images"):
+        pipe.generate([_req("cat", s) for s in range(3)])
+    assert [im.seed for im in pipe.generate([_req("cat", 7), _req("cat", 8)]).images] == [7, 8]
 
 
 @pytest.mark.parametrize(("width", "height"), [(60, 64), (64, 0), (8, 64)])
