@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,3 +22,29 @@ class EngineConfig:
     torch_compile: bool = False
     max_batch_size: int = 8  # images per denoiser call; compiled profiles are sized from it
     threads: int = 0  # CPU intra-op threads for torch and onnxruntime; 0 keeps the library default
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its container's CPU limit (cgroup v2 `cpu.max` or v1 CFS quota),
+    else the CPUs it may run on. One intra-op thread per usable CPU and no more: OpenMP threads that
+    outnumber the CPUs spin-wait against each other, and a request takes many times longer."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cpus, math.floor(quota)) if quota is not None else cpus)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    try:
+        limit, period = (root / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, available_cpus
 from engine.types import BackendName, Precision
 from service.logs import LogFormat
 
@@ -34,7 +34,7 @@ def _default_encode_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-FD_RESERVE = 128  # file descriptors kept for everything but client connections (model files, CUDA, logs)
+FD_RESERVE = 128  # descriptors for all but client connections (model files, CUDA, logs, probe slots)
 _MAX_CONNECTIONS_CAP = 1024  # far more than a replica's queue needs; idle kept-alive connections are cheap
 
 
@@ -60,7 +60,13 @@ class Settings(BaseSettings):
     engine_dir: Path | None = None
     build_engines: bool = False
     torch_compile: bool = False
-    threads: int = Field(default=0, ge=0, le=256, description="CPU intra-op threads; 0: the library default")
+    threads: int = Field(
+        default_factory=available_cpus,
+        ge=0,
+        le=256,
+        description="CPU intra-op threads (default: the container's CPU limit, else the usable CPUs; "
+        "0: the library's own default)",
+    )
 
     # Batching and admission.
     max_batch_size: int = Field(default=4, ge=1, le=256, description="images per engine call")
