@@ -1,0 +1,495 @@
+"""Overload benchmark for the HTTP service (not a test): what the server delivers when offered more
+than it can do, and when its clients retry every refusal at once.
+
+    python bench/overload.py --fake                  # a fake engine of fixed compute time per image
+    python bench/overload.py --fake --out overload.md
+    python bench/overload.py                         # `python -m service.cli serve`, the embedded model
+
+Each scenario gets a fresh server in a subprocess on 127.0.0.1 (so its counters start at zero):
+1. capacity: closed loop, 2 x max_batch_size clients sending n=1, so every batch is full;
+2. open loop at 0.5, 1, 2 and 4 x capacity: Poisson arrivals, each request n=1 at the native size;
+3. retry storm: 64 clients that resend at once on 429 or 503, against queue_size 8 and
+   request_timeout_s 1.
+Goodput counts images answered 200 within the request timeout. Images discarded are read from
+`tiue_images_discarded_total` (work done for requests that had given up or expired) when the server
+exports it, else estimated as images generated minus images delivered. Each client sends its own API
+key (the server is started with one per client), so a server that tells clients apart can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STORM_CLIENTS = 64
+KEYS = [f"bench-key-{i}" for i in range(STORM_CLIENTS)]
+PROMPTS = ["a red circle on a blue square", "a small green star", "a large yellow ring", "a purple triangle"]
+
+
+class FixedCostEngine:
+    """A fake device: a batch costs batch_ms plus image_ms per image, spent waiting (no CPU)."""
+
+    def __init__(self, batch_ms: float, image_ms: float, size: int = 64):
+        from engine.types import ModelInfo
+
+        self.batch_s, self.image_s = batch_ms / 1000, image_ms / 1000
+        self.info = ModelInfo("fixed-cost", "fake", "fp32", "none", 4, 77, 16, size)
+
+    def validate(self, request: Any) -> None:
+        pass
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(prompt.split()) + 2
+
+    def generate(self, requests: Sequence[Any]) -> Any:
+        import numpy as np
+
+        from engine.types import BatchResult, GeneratedImage
+
+        seconds = self.batch_s + self.image_s * len(requests)
+        threading.Event().wait(seconds)
+        w, h = requests[0].shape_key
+        images = [GeneratedImage(np.full((h, w, 3), r.seed % 251, np.uint8), r.seed) for r in requests]
+        return BatchResult(images, {"denoise": seconds})
+
+    def warmup(self) -> None:
+        pass
+
+
+# -- the server child ---------------------------------------------------------------------------
+
+
+def serve_child(cfg: dict[str, Any]) -> None:
+    """The fake-engine server: the same app and server `tiue serve` runs, with the engine replaced."""
+    import logging
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = Settings(**{**cfg["settings"], "log_level": "warning"})
+    engine = FixedCostEngine(cfg["batch_ms"], cfg["image_ms"])
+    app = create_app(settings, pipeline_factory=lambda: engine)
+    try:
+        from service.server import build_server  # connection limits and drain, where the code has them
+    except ImportError:
+        import uvicorn
+
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    else:
+        build_server(app, settings).run()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """One server process for one scenario."""
+
+    def __init__(self, args: argparse.Namespace, **settings: Any):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "TIUE_LOG_LEVEL": "warning"}
+        all_settings = {"port": port, "max_batch_size": args.max_batch_size, "api_keys": ",".join(KEYS)}
+        all_settings.update(settings)
+        if args.fake:
+            cfg = {"settings": all_settings, "batch_ms": args.batch_ms, "image_ms": args.image_ms}
+            command = [sys.executable, __file__, "--child", json.dumps(cfg)]
+        else:
+            env.update({f"TIUE_{name.upper()}": str(value) for name, value in all_settings.items()})
+            command = [sys.executable, "-m", "service.cli", "serve"]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)  # another process: nothing to await
+        raise TimeoutError("the server did not become ready")
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What one scenario's clients saw."""
+
+    timeout_s: float
+    statuses: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # of 200 answers, seconds, as the client saw them
+    server_latencies: list[float] = field(default_factory=list)  # the same answers' Server-Timing total
+    good_images: int = 0  # answered 200 within the timeout
+    delivered: int = 0  # answered 200 at all
+    sent: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    last_answer: float = 0.0
+
+    @property
+    def elapsed_s(self) -> float:
+        """From the first request to the last answer: work answered after the load stops counts, in its time."""
+        return max(self.last_answer - self.started, 1e-9)
+
+    def record(self, status: str, latency: float, server_s: float | None = None) -> None:
+        self.last_answer = time.perf_counter()
+        self.statuses[status] += 1
+        if status == "200":
+            self.delivered += 1
+            self.latencies.append(latency)
+            if server_s is not None:
+                self.server_latencies.append(server_s)
+            if latency <= self.timeout_s:
+                self.good_images += 1
+
+
+class Pool:
+    """Kept-alive HTTP/1.1 connections over asyncio streams: a few lines of parsing cost far less CPU per
+    request than a full client, so on a small machine the load generator does not starve the server."""
+
+    def __init__(self, url: str, timeout_s: float):
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.timeout_s = max(10.0, 3 * timeout_s)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+        """(status, headers); the body is read and dropped. Raises OSError/TimeoutError on failure."""
+        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        try:
+            lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}"]
+            lines += [f"{name}: {value}" for name, value in headers.items()]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            status, fields = await asyncio.wait_for(_read_answer(reader), self.timeout_s)
+        except BaseException:
+            writer.close()
+            raise
+        if fields.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return status, fields
+
+    def close(self) -> None:
+        for _reader, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    fields = {name.lower(): value for name, _, value in (line.partition(": ") for line in head[1:]) if value}
+    await reader.readexactly(int(fields.get("content-length", "0")))
+    return int(head[0].split(" ")[1]), fields
+
+
+async def send(pool: Pool, key: str, tally: Tally) -> str:
+    body = json.dumps({"prompt": random.choice(PROMPTS), "n": 1, "output_format": "jpeg"}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    started = time.perf_counter()
+    tally.sent += 1
+    server_s = None
+    try:
+        code, fields = await pool.post("/generate", body, headers)
+        status = str(code)
+        total = _SERVER_TOTAL.search(fields.get("server-timing", ""))
+        server_s = float(total.group(1)) / 1000 if total else None
+    except asyncio.TimeoutError:
+        status = "client timeout"
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        status = "connection error"
+    tally.record(status, time.perf_counter() - started, server_s)
+    return status
+
+
+_SERVER_TOTAL = re.compile(r"\btotal;dur=([0-9.]+)")
+
+
+@asynccontextmanager
+async def _client(url: str, timeout_s: float) -> AsyncIterator[Pool]:
+    pool = Pool(url, timeout_s)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+async def closed_loop(url: str, clients: int, duration_s: float, timeout_s: float) -> Tally:
+    tally = Tally(timeout_s)
+    stop = time.perf_counter() + duration_s
+
+    async def one(i: int) -> None:
+        while time.perf_counter() < stop:
+            await send(client, KEYS[i % len(KEYS)], tally)
+
+    async with _client(url, timeout_s) as client:
+        await asyncio.gather(*(one(i) for i in range(clients)))
+    return tally
+
+
+async def open_loop(url: str, rate: float, duration_s: float, timeout_s: float, seed: int) -> Tally:
+    """Poisson arrivals at `rate` requests/s, whatever the server answers (users do not wait for each other)."""
+    tally = Tally(timeout_s)
+    rng = random.Random(seed)
+    tasks: set[asyncio.Task[str]] = set()
+    async with _client(url, timeout_s) as client:
+        started = time.perf_counter()
+        next_at = started
+        while True:
+            next_at += rng.expovariate(rate)
+            if next_at - started > duration_s:
+                break
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            task = asyncio.create_task(send(client, rng.choice(KEYS), tally))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    return tally
+
+
+async def retry_storm(url: str, clients: int, duration_s: float, timeout_s: float) -> Tally:
+    """Each client sends; on 429 or 503 it sends again at once (ignoring Retry-After), else moves on."""
+    tally = Tally(timeout_s)
+    stop = time.perf_counter() + duration_s
+
+    async def one(i: int) -> None:
+        while time.perf_counter() < stop:
+            await send(client, KEYS[i], tally)
+
+    async with _client(url, timeout_s) as client:
+        await asyncio.gather(*(one(i) for i in range(clients)))
+    return tally
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def metric_sum(text: str, name: str) -> float | None:
+    """The sum over all label sets of `name`, or None when the server does not export it."""
+    values = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(v) for v in values) if values else None
+
+
+def discarded(text: str, tally: Tally) -> str:
+    exported = metric_sum(text, "tiue_images_discarded_total")
+    if exported is not None:
+        return f"{exported:.0f}"
+    generated = metric_sum(text, "tiue_images_generated_total") or 0.0
+    return f"{generated - tally.delivered:.0f} (generated - delivered)"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Row:
+    scenario: str
+    settings: str
+    offered: str
+    tally: Tally
+    capacity: float
+    discarded: str
+
+    def cells(self) -> list[str]:
+        t = self.tally
+        goodput = t.good_images / t.elapsed_s
+        other = sum(v for k, v in t.statuses.items() if k not in ("200", "429", "503", "504"))
+        p50, p99 = percentile(t.latencies, 0.5), percentile(t.latencies, 0.99)
+        server_p99 = percentile(t.server_latencies, 0.99)
+        ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+        return [
+            self.scenario,
+            self.settings,
+            self.offered,
+            f"{goodput:.1f}",
+            f"{100 * goodput / self.capacity:.0f} %",
+            *(str(t.statuses.get(s, 0)) for s in ("200", "429", "503", "504")),
+            str(other),
+            ms(p50),
+            ms(p99),
+            ms(server_p99),
+            self.discarded,
+        ]
+
+
+HEADER = [
+    "scenario",
+    "server settings",
+    "offered",
+    "goodput img/s",
+    "% of capacity",
+    "200",
+    "429",
+    "503",
+    "504",
+    "other",
+    "p50 ms",
+    "p99 ms",
+    "server p99 ms",
+    "images discarded",
+]
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_scenario(
+    args: argparse.Namespace, settings: dict[str, Any], load: Callable[[str], Coroutine[Any, Any, Tally]]
+) -> tuple[Tally, str]:
+    server = Server(args, **settings)
+    try:
+        server.wait_ready()
+        tally = asyncio.run(load(server.url))
+        text = server.metrics()
+    finally:
+        server.stop()
+    return tally, text
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--fake", action="store_true", help="a fake engine of fixed compute time per image")
+    parser.add_argument("--batch-ms", type=float, default=50.0, help="fake engine: fixed cost per batch")
+    parser.add_argument("--image-ms", type=float, default=100.0, help="fake engine: cost per image")
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load scenario")
+    parser.add_argument("--capacity-duration", type=float, default=10.0)
+    parser.add_argument("--capacity", type=float, help="images/s: skip measuring it")
+    parser.add_argument("--timeout", type=float, default=5.0, help="request_timeout_s for the open-loop runs")
+    parser.add_argument("--loads", default="0.5,1,2,4", help="open-loop rates, as multiples of capacity")
+    parser.add_argument("--no-storm", action="store_true", help="skip the retry storm")
+    parser.add_argument("--out", type=Path, help="also write the markdown here")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def scenarios(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    open_settings = {"request_timeout_s": args.timeout}
+    timeout = f"timeout {args.timeout:g} s"
+
+    def done(row: Row) -> None:
+        rows.append(row)
+        print(" | ".join(row.cells()), file=sys.stderr, flush=True)
+
+    capacity = args.capacity
+    if capacity is None:
+        clients = 2 * args.max_batch_size
+        load = partial(
+            closed_loop, clients=clients, duration_s=args.capacity_duration, timeout_s=args.timeout
+        )
+        tally, text = run_scenario(args, open_settings, load)
+        capacity = tally.good_images / tally.elapsed_s
+        done(
+            Row(
+                "capacity (closed loop)",
+                timeout,
+                f"{clients} clients",
+                tally,
+                capacity,
+                discarded(text, tally),
+            )
+        )
+    for multiple in (float(m) for m in args.loads.split(",") if m):
+        rate = multiple * capacity
+        load = partial(open_loop, rate=rate, duration_s=args.duration, timeout_s=args.timeout, seed=args.seed)
+        tally, text = run_scenario(args, open_settings, load)
+        done(
+            Row(
+                f"open loop {multiple:g}x",
+                timeout,
+                f"{rate:.1f} req/s",
+                tally,
+                capacity,
+                discarded(text, tally),
+            )
+        )
+    if not args.no_storm:
+        storm = {"queue_size": 8, "request_timeout_s": 1.0}
+        load = partial(retry_storm, clients=STORM_CLIENTS, duration_s=args.duration, timeout_s=1.0)
+        tally, text = run_scenario(args, storm, load)
+        offered = f"{STORM_CLIENTS} clients, {tally.sent / tally.elapsed_s:.0f} req/s"
+        done(
+            Row("retry storm", "queue_size 8, timeout 1 s", offered, tally, capacity, discarded(text, tally))
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        serve_child(json.loads(args.child))
+        return 0
+    rows = scenarios(args)
+    engine = (
+        f"fake engine, {args.batch_ms:g} ms per batch + {args.image_ms:g} ms per image"
+        if args.fake
+        else "the embedded default model"
+    )
+    command = "python bench/overload.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = (
+        f"`{command}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {engine}, "
+        f"max_batch_size {args.max_batch_size}, {os.cpu_count()} CPUs (load average "
+        f"{os.getloadavg()[0]:.1f} at the end)\n\n{table(rows)}\n"
+    )
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
