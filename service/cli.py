@@ -7,12 +7,11 @@ Each `_add_<name>(subparsers)` adds one subcommand and sets `handler` (args -> e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.cli import add_generate_parser
 from engine.export.cli import add_build_engines_parser, add_export_parser
@@ -87,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads OpenMP: idle threads sleep instead of spinning, so a busy neighbour on the same
+    # CPUs slows a request ~2x instead of ~10x (bench/noisy_neighbour.py, docs/benchmarks.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
@@ -120,11 +122,11 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from service.app import create_app
     from service.logs import configure_logging
+    from service.server import build_server
 
     try:
         settings = serve_settings(args)
@@ -142,41 +144,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        lifespan="on",
-        log_config=None,
-        log_level=settings.log_level.value,
-        access_log=False,  # the service writes its own access line, with the request ID (service.logs)
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
-    server = _draining_server(config, app.state.tiue.begin_drain)
+    server = build_server(app, settings)
     server.run()
     return 1 if failures else 0
-
-
-def _draining_server(config: uvicorn.Config, begin_drain: Callable[[], None]) -> uvicorn.Server:
-    """A uvicorn server that, on SIGTERM/SIGINT, makes /readyz 503 and stops admitting work at once.
-
-    Uvicorn alone only tells the app at lifespan shutdown, after open connections have finished.
-    """
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        _loop: asyncio.AbstractEventLoop | None = None
-
-        async def serve(self, sockets: Any = None) -> None:
-            self._loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(begin_drain)  # a signal handler must not touch loop state
-            super().handle_exit(sig, frame)
-
-    return DrainingServer(config)
 
 
 if __name__ == "__main__":
