@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -10,7 +11,7 @@ from contextlib import AbstractContextManager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_response
+from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, error_response
 from service.logs import RequestRecord, log_access, request_context
 from service.metrics import ServiceMetrics
 
@@ -86,58 +87,92 @@ def _new_record(scope: Scope, routes: frozenset[str]) -> RequestRecord:
 
 
 class InFlightMiddleware:
-    """Counts generation requests from their arrival (before the body is read) to their answer.
+    """Counts generation requests from their arrival (before the body is read) to their answer, and
+    answers 503 with Retry-After beyond `limit` of them.
 
     Counting this early lets the batcher see a burst that has arrived but not yet been parsed.
     """
 
     def __init__(
-        self, app: ASGIApp, track: Callable[[], AbstractContextManager[None]], paths: frozenset[str]
+        self,
+        app: ASGIApp,
+        track: Callable[[], AbstractContextManager[None]],
+        paths: frozenset[str],
+        limit: int,
+        metrics: ServiceMetrics,
     ):
         self.app = app
         self.track = track
         self.paths = paths
+        self.limit = limit
+        self.metrics = metrics
+        self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in self.paths:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            busy = Overloaded(f"the server is handling {self.limit} generation requests (TIUE_MAX_IN_FLIGHT)")
+            await error_response(busy, self.metrics)(scope, receive, send)
+            return
+        self.active += 1
+        try:
             with self.track():
                 await self.app(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`, whether announced by Content-Length or streamed; never buffers more."""
+    """413 for a body over `max_bytes`, whether announced by Content-Length or streamed; never buffers more.
+    408 for a body not received whole within `timeout_s` (a stalled client holds nothing for longer)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_bytes: int):
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_bytes: int, timeout_s: float):
         self.app = app
         self.metrics = metrics
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        too_large = PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes", param="body")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await error_response(too_large, self.metrics)(scope, receive, send)
+            await error_response(self._too_large(), self.metrics)(scope, receive, send)
             return
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except PayloadTooLarge as exc:
+            await error_response(exc, self.metrics)(scope, receive, send)
+            return
+        except asyncio.TimeoutError:
+            slow = RequestTimeout(
+                f"the request body did not arrive within {self.timeout_s:g} s (TIUE_BODY_TIMEOUT_S)"
+            )
+            await error_response(slow, self.metrics)(scope, receive, send)
+            return
+        if body is not None:  # None: the client hung up
+            await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await error_response(too_large, self.metrics)(scope, receive, send)
-                return
+                raise self._too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+                return b"".join(chunks)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes", param="body")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

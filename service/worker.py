@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from engine.types import DEVICE_STAGES, BatchResult, GenerationRequest
 from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, WorkItem
@@ -36,6 +36,15 @@ def _size(batch: Batch) -> str:
 
 def _request_ids(items: Sequence[WorkItem]) -> str:
     return ",".join(item.request_id or "-" for item in items)
+
+
+def _fields(batch: Batch, items: Sequence[WorkItem], **more: Any) -> dict[str, Any]:
+    """`extra=` for a batch's log line: which requests rode in it, as structured fields."""
+    images = sum(item.images for item in items)
+    ids = [item.request_id for item in items if item.request_id]
+    return {
+        "fields": {"batch_id": batch.id, "images": images, "size": _size(batch), "request_ids": ids, **more}
+    }
 
 
 def check_result(result: BatchResult, requests: Sequence[GenerationRequest]) -> None:
@@ -86,24 +95,31 @@ class DeviceWorker:
         self._task = asyncio.create_task(self._serve(pipeline), name="tiue-device-worker")
 
     async def stop(self, timeout_s: float) -> None:
-        """Finish what is queued within `timeout_s`; after that, fail what is left with 503 and stop."""
+        """Finish what is queued within `timeout_s`; after that, fail what is left with 503 and stop.
+        Safe to call again (the server drains first, the lifespan's shutdown calls it once more)."""
         self._batcher.close()
         task = self._task
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), max(timeout_s, 0.0))
-            except asyncio.TimeoutError:
-                failed = self._batcher.fail_pending(
-                    lambda: ShuttingDown("the server shut down before this request reached the device")
-                )
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=max(timeout_s, 0.0))  # neither cancels nor raises
+            if not task.done():
+                failed = self.abandon()
                 logger.warning(
                     "shutdown grace of %.1f s is over; %d queued requests failed", timeout_s, failed
                 )
-                task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
         # A batch still on the device thread finishes there; its results go nowhere.
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def abandon(self) -> int:
+        """Answer everything still waiting 503 now, the batches on the device included, and stop feeding
+        the device; returns how many queued items were failed."""
+        failed = self._batcher.fail_pending(
+            lambda: ShuttingDown("the server shut down before this request reached the device")
+        )
+        if self._task is not None:
+            self._task.cancel()  # _serve fails its running and staged batches
+        return failed
 
     async def _serve(self, pipeline: Pipeline) -> None:
         """One batch runs on the device thread; behind a short one, a full one may wait in the executor's
@@ -176,6 +192,7 @@ class DeviceWorker:
                 _size(batch),
                 _request_ids(batch.items),
                 exc_info=exc,
+                extra=_fields(batch, batch.items),
             )
             self._fail(batch, lambda: BatchFailed(batch.id))
             return
@@ -220,9 +237,7 @@ class DeviceWorker:
             _size(batch),
             done.seconds,
             _request_ids(done.live),
-            extra={
-                "fields": {"batch_id": batch.id, "images": len(requests), "device_s": round(done.seconds, 4)}
-            },
+            extra=_fields(batch, done.live, device_s=round(done.seconds, 4)),
         )
         offset = 0
         now = time.monotonic()

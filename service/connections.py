@@ -1,0 +1,256 @@
+"""Connection limits uvicorn lacks: a cap on open connections, a header timeout, and accept errors
+(out of file descriptors) that become one log line per interval instead of a traceback per attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable
+from enum import Enum
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import h11
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.errors import Overloaded, RequestTimeout, ShuttingDown, error_response
+from service.metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+LOG_INTERVAL_S = 10.0
+PROBE_SLOTS = 8  # connections over the cap that may still ask for /livez, /readyz or /metrics, once each
+PROBE_HEADER_TIMEOUT_S = 1.0  # a probe asks at once; idle connections must not sit in its slots
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class EveryInterval:
+    """Counts events; logs the first at once, then their number at most once per interval (flood → a line)."""
+
+    def __init__(self, log: Callable[[int, float], None], interval_s: float = LOG_INTERVAL_S):
+        self._log = log
+        self.interval_s = interval_s
+        self.total = 0
+        self._pending = 0
+        self._last = -float("inf")
+
+    def note(self) -> None:
+        self.total += 1
+        self._pending += 1
+        self.flush()
+
+    def flush(self) -> None:
+        """Log what is pending if the interval is over; the server calls this on every tick."""
+        now = time.monotonic()
+        if self._pending and now - self._last >= self.interval_s:
+            self._log(self._pending, self.interval_s)
+            self._pending = 0
+            self._last = now
+
+
+class Admission(Enum):
+    SERVE = "serve"
+    PROBES_ONLY = "probes_only"
+    REFUSE = "refuse"
+
+
+class ConnectionGuard:
+    """What every connection of one server shares: the count against the cap, timeouts, draining, logs."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        header_timeout_s: float,
+        probe_paths: frozenset[str],
+        metrics: ServiceMetrics,
+    ):
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.probe_paths = probe_paths
+        self.metrics = metrics
+        self.open = 0
+        self.draining = False  # every answer then closes its connection, so clients reconnect elsewhere
+        metrics.open_connections.set_function(lambda: self.open)
+        self.refusals = EveryInterval(self._log_refusals)
+        self.accept_errors = EveryInterval(self._log_accept_errors)
+
+    def admit(self) -> Admission:
+        if self.open >= self.max_connections + PROBE_SLOTS:
+            self.metrics.connections_refused.inc()
+            self.refusals.note()
+            return Admission.REFUSE
+        self.open += 1
+        return Admission.SERVE if self.open <= self.max_connections else Admission.PROBES_ONLY
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def flush_logs(self) -> None:
+        self.refusals.flush()
+        self.accept_errors.flush()
+
+    def exception_handler(
+        self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None
+    ) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+        """An event-loop exception handler that counts accept() failing for lack of file descriptors.
+
+        asyncio (3.11) logs a traceback for each failed accept() and goes on trying the rest of the
+        backlog (2048) in the same call, each also scheduling a retry: thousands of tracebacks a second."""
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            retry = getattr(getattr(context.get("handle"), "_callback", None), "__name__", "")
+            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES and "accept" in context["message"]:
+                self.accept_errors.note()
+            elif retry == "_start_serving":
+                # Each failed accept() above also scheduled a retry; those left when the server closes
+                # its socket fail with "Invalid file descriptor", one traceback each. Nothing is lost.
+                logger.debug("accept() retry after the listening socket closed: %s", exc)
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        return handle
+
+    def _log_refusals(self, count: int, interval_s: float) -> None:
+        logger.warning(
+            "%d connections refused in the last %.0f s: %d open is the limit (TIUE_MAX_CONNECTIONS)",
+            count,
+            interval_s,
+            self.max_connections,
+        )
+
+    def _log_accept_errors(self, count: int, interval_s: float) -> None:
+        logger.error(
+            "accept() failed %d times in the last %.0f s: out of file descriptors, %d connections open "
+            "(raise the open-file limit or lower TIUE_MAX_CONNECTIONS); it retries every second",
+            count,
+            interval_s,
+            self.open,
+        )
+
+
+def _closing(send: Send) -> Send:
+    """`send` with `Connection: close` on the answer (h11 then closes the connection after it)."""
+
+    async def send_closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return send_closing
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the guard's cap and a header timeout; `protocol_class` binds a guard."""
+
+    guard: ClassVar[ConnectionGuard]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app = self._guarded(self.app)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._counted = False
+        self._probes_only = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        admission = self.guard.admit()
+        if admission is Admission.REFUSE:
+            transport.abort()  # no FIN handshake to wait for, no buffered bytes to flush
+            return
+        self._counted = True
+        self._probes_only = admission is Admission.PROBES_ONLY
+        self._arm_header_timer()
+
+    def _header_timeout_s(self) -> float:
+        limit = self.guard.header_timeout_s
+        return min(limit, PROBE_HEADER_TIMEOUT_S) if self._probes_only else limit
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        if self._counted:
+            self._counted = False
+            self.guard.release()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_header_timer()  # the headers are in (or the request was refused)
+        elif self._header_timer is None and not self.transport.is_closing():
+            self._arm_header_timer()  # the first bytes of the next request on a kept-alive connection
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self._header_timeout_s(), self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        self.guard.metrics.connections_timed_out.inc()
+        if self.conn.trailing_data[0]:  # part of a request came: say why it is cut off
+            slow = RequestTimeout(
+                f"the request headers did not arrive within {self._header_timeout_s():g} s "
+                "(TIUE_HEADER_TIMEOUT_S)"
+            )
+            self.transport.write(_raw_response(error_response(slow, self.guard.metrics)))
+        self.transport.close()
+
+    def _guarded(self, app: ASGIApp) -> ASGIApp:
+        """The app as this connection serves it: probes only over the cap, closing while draining, and a
+        503 (never uvicorn's 500) for a request that uvicorn cancels at the end of shutdown."""
+        guard = self.guard
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            if self._probes_only or guard.draining:
+                send = _closing(send)
+            if self._probes_only and scope["path"] not in guard.probe_paths:
+                busy = Overloaded(f"{guard.max_connections} connections are open (TIUE_MAX_CONNECTIONS)")
+                await error_response(busy, guard.metrics)(scope, receive, send)
+                return
+            started = False
+
+            async def send_tracked(message: Message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await app(scope, receive, send_tracked)
+            except asyncio.CancelledError:
+                if started:
+                    raise
+                logger.warning(
+                    "%s %s was still running when the server stopped", scope["method"], scope["path"]
+                )
+                gone = ShuttingDown("the server shut down before this request was answered")
+                await error_response(gone, guard.metrics)(scope, receive, _closing(send))
+
+        return guarded
+
+
+def protocol_class(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
+    """The protocol class to pass as uvicorn's `Config(http=...)`, its connections bound to `guard`."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+
+
+def _raw_response(response: Response) -> bytes:
+    """A starlette Response as HTTP/1.1 bytes, for answers written outside any request cycle."""
+    head = [f"HTTP/1.1 {response.status_code} {HTTPStatus(response.status_code).phrase}".encode("ascii")]
+    head += [name + b": " + value for name, value in response.raw_headers]
+    return b"\r\n".join(head) + b"\r\n\r\n" + bytes(response.body)
