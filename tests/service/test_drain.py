@@ -7,7 +7,6 @@ import time
 from contextlib import AsyncExitStack
 
 import httpx
-import pytest
 from fakes import FakeEngine, make_settings, wait_until
 
 from service.app import create_app
@@ -123,19 +122,3 @@ async def test_a_failed_load_is_reported_and_not_ready() -> None:
     }
     assert refused.status_code == 503 and "failed to load" in refused.json()["error"]["message"]
     assert len(failures) == 1 and isinstance(failures[0], FileNotFoundError)
-
-
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-async def test_the_cli_server_starts_draining_on_the_signal_itself(signal_name: str) -> None:
-    import signal
-
-    import uvicorn
-
-    from service.cli import _draining_server
-
-    drained = asyncio.Event()
-    server = _draining_server(uvicorn.Config(app=None), drained.set)  # type: ignore[arg-type]
-    server._loop = asyncio.get_running_loop()  # type: ignore[attr-defined]  # serve() records it
-    server.handle_exit(getattr(signal, signal_name), None)
-    await asyncio.wait_for(drained.wait(), 1)
-    assert server.should_exit
