@@ -42,6 +42,10 @@ def _cgroup_quota(root: Path) -> float | None:
         return None if limit == "max" else int(limit) / int(period)
     except (OSError, ValueError):
         pass
+    return _cgroup_v1_quota(root)
+
+
+def _cgroup_v1_quota(root: Path) -> float | None:
     try:
         quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
         period = int((root / "cpu" / "cpu.cfs_period_us").read_text())

@@ -157,6 +157,7 @@ class BatchFailed(ServiceError):
 
     def __init__(self, batch_id: int):
         super().__init__(f"image generation failed (batch {batch_id}); the error is in the server log")
+        self.batch_id = batch_id
 
 
 _HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed"}

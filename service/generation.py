@@ -16,7 +16,7 @@ from starlette.types import Message
 from engine.types import DEVICE_STAGES, GenerationRequest, ModelInfo
 from service.batcher import ItemResult
 from service.caller import Caller
-from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
+from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
 from service.images import OutputFormat, encode_image
 from service.logs import annotate, request_id
 from service.metrics import IMAGE_ENCODE
@@ -134,7 +134,11 @@ async def run_job(
     process = state.batcher.process(
         size, requests, deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
     )
-    results = await _unless_gone(process, receive, deadline - time.monotonic(), timeout)
+    try:
+        results = await _unless_gone(process, receive, deadline - time.monotonic(), timeout)
+    except BatchFailed as exc:
+        annotate(batch_ids=[exc.batch_id])
+        raise
     annotate(
         queue_wait_s=round(max(result.queue_wait_s for result in results), 4),
         batch_ids=sorted({result.batch_id for result in results}),
