@@ -197,11 +197,21 @@ class Pool:
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
         """(status, headers); the body is read and dropped. Raises OSError/TimeoutError on failure."""
-        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        while self.idle:  # a kept-alive connection the server closed meanwhile: try the next, then a new one
+            try:
+                return await self._exchange(*self.idle.pop(), request)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                continue
+        return await self._exchange(*await asyncio.open_connection(self.host, self.port), request)
+
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+    ) -> tuple[int, dict[str, str]]:
         try:
-            lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}"]
-            lines += [f"{name}: {value}" for name, value in headers.items()]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+            writer.write(request)
             status, fields = await asyncio.wait_for(_read_answer(reader), self.timeout_s)
         except BaseException:
             writer.close()
