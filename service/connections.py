@@ -52,7 +52,9 @@ class EveryInterval:
             self._last = now
 
 
-class Admission(Enum):
+class Slot(Enum):
+    """What a new connection gets: served, health routes only (over the cap), or closed at once."""
+
     SERVE = "serve"
     PROBES_ONLY = "probes_only"
     REFUSE = "refuse"
@@ -79,13 +81,13 @@ class ConnectionGuard:
         self.refusals = EveryInterval(self._log_refusals)
         self.accept_errors = EveryInterval(self._log_accept_errors)
 
-    def admit(self) -> Admission:
+    def admit(self) -> Slot:
         if self.open >= self.max_connections + PROBE_SLOTS:
             self.metrics.connections_refused.inc()
             self.refusals.note()
-            return Admission.REFUSE
+            return Slot.REFUSE
         self.open += 1
-        return Admission.SERVE if self.open <= self.max_connections else Admission.PROBES_ONLY
+        return Slot.SERVE if self.open <= self.max_connections else Slot.PROBES_ONLY
 
     def release(self) -> None:
         self.open -= 1
@@ -161,12 +163,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        admission = self.guard.admit()
-        if admission is Admission.REFUSE:
+        slot = self.guard.admit()
+        if slot is Slot.REFUSE:
             transport.abort()  # no FIN handshake to wait for, no buffered bytes to flush
             return
         self._counted = True
-        self._probes_only = admission is Admission.PROBES_ONLY
+        self._probes_only = slot is Slot.PROBES_ONLY
         self._arm_header_timer()
 
     def _header_timeout_s(self) -> float:
