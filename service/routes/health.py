@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import time
+from typing import Literal
+
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel, Field
 
-from service.state import Phase, ServiceState
+from service.deps import State
+from service.state import Phase
 
 router = APIRouter(tags=["health"])
 
@@ -16,15 +20,13 @@ METRICS_MEDIA_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 
 class Readiness(BaseModel):
-    status: Phase
+    status: Literal["loading", "ready", "busy", "draining", "failed"] = Field(
+        description="busy: the device has been on one batch for longer than the request timeout"
+    )
     queued_images: int
+    queued_seconds: float = Field(description="estimated device seconds of admitted work not yet done")
     model: str | None = Field(default=None, description="the loaded model's name, once loaded")
-    detail: str | None = Field(default=None, description="why loading failed")
-
-
-def _state(request: Request) -> ServiceState:
-    state: ServiceState = request.app.state.tiue
-    return state
+    detail: str | None = Field(default=None, description="why it is not ready")
 
 
 @router.get("/livez", summary="The process is up and its event loop answers")
@@ -38,19 +40,30 @@ async def livez() -> dict[str, str]:
     response_model=None,
     responses={
         200: {"model": Readiness, "description": "Ready: status is `ready`."},
-        503: {"model": Readiness, "description": "Not ready: loading, draining or failed."},
+        503: {"model": Readiness, "description": "Not ready: loading, busy, draining or failed."},
     },
 )
-async def readyz(request: Request) -> JSONResponse:
-    state = _state(request)
+async def readyz(state: State) -> JSONResponse:
+    status: str = state.phase.value
+    detail = state.failure
+    busy_since = state.worker.busy_since
+    timeout = state.settings.request_timeout_s
+    if state.phase is Phase.READY and busy_since is not None and time.monotonic() - busy_since > timeout:
+        status = "busy"  # a request sent here now would time out: let the load balancer send it elsewhere
+        detail = (
+            f"the device has been on one batch for {time.monotonic() - busy_since:.0f} s, "
+            f"longer than the {timeout:g} s request timeout"
+        )
     body = Readiness(
-        status=state.phase,
+        status=status,  # type: ignore[arg-type]
         queued_images=state.batcher.pending_images,
+        queued_seconds=round(state.batcher.queued_seconds, 3),
         model=state.pipeline.info.name if state.pipeline is not None else None,
-        detail=state.failure,
+        detail=detail,
     )
-    status = 200 if state.phase is Phase.READY else 503
-    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=status)
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True), status_code=200 if status == "ready" else 503
+    )
 
 
 @router.get(
@@ -64,5 +77,5 @@ async def readyz(request: Request) -> JSONResponse:
         }
     },
 )
-async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.exposition(), media_type=METRICS_MEDIA_TYPE)
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.exposition(), media_type=METRICS_MEDIA_TYPE)

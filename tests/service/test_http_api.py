@@ -540,3 +540,20 @@ async def test_in_flight_gauge_counts_waiting_requests(engine: FakeEngine) -> No
         engine.gate.set()
         await asyncio.gather(*pending)
         assert app.state.tiue.metrics.in_flight._value.get() == 0
+
+
+async def test_readyz_says_busy_while_one_batch_outlasts_the_request_timeout(engine: FakeEngine) -> None:
+    engine.gate.clear()
+    async with serve(engine, request_timeout_s=0.3, max_request_s=0.3) as (client, app):
+        pending = asyncio.create_task(client.post("/generate", json={"prompt": "x"}))
+        await engine.wait_entered()
+        assert (await client.get("/readyz")).status_code == 200  # busy, but not for long yet
+        await asyncio.sleep(0.4)
+        busy = await client.get("/readyz")
+        assert busy.status_code == 503 and busy.json()["status"] == "busy", busy.text
+        assert "longer than the 0.3 s request timeout" in busy.json()["detail"]
+        engine.gate.set()
+        assert (await pending).status_code == 504  # its own client had given up meanwhile
+        await wait_until(lambda: app.state.tiue.worker.busy_since is None)
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["queued_seconds"] == 0
