@@ -118,6 +118,7 @@ async def test_a_failed_load_is_reported_and_not_ready() -> None:
     assert ready.json() == {
         "status": "failed",
         "queued_images": 0,
+        "queued_seconds": 0.0,
         "detail": "FileNotFoundError: no model_index.json in /models/nowhere",
     }
     assert refused.status_code == 503 and "failed to load" in refused.json()["error"]["message"]
