@@ -73,6 +73,17 @@ def test_runtime_stage(target: str) -> None:
     assert "pip" not in text.split("COPY --from", 1)[1], "nothing is installed in the runtime stage"
 
 
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_settings_are_ones_the_service_reads(target: str) -> None:
+    """A TIUE_* variable the service does not read is ignored silently (the GPU image would run fp32)."""
+    settings_module = pytest.importorskip("service.settings")
+    env = dict(re.findall(r"\b(TIUE_[A-Z0-9_]+)=(\S+)", "\n".join(stages()[target])))
+    fields = set(settings_module.Settings.model_fields)
+    unknown = [key for key in env if key.removeprefix("TIUE_").lower() not in fields]
+    assert not unknown, f"not Settings fields: {unknown}"
+    settings_module.Settings(**{key.removeprefix("TIUE_").lower(): value for key, value in env.items()})
+
+
 def test_base_images_and_torch_pin() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M)
