@@ -105,7 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TIUE_PORT=8000 \
     TIUE_BACKEND=tensorrt \
     TIUE_DEVICE=cuda \
-    TIUE_DTYPE=fp16 \
+    TIUE_PRECISION=fp16 \
     TIUE_ENGINE_DIR=/var/cache/tiue/engines \
     TIUE_BUILD_ENGINES=false
 VOLUME ["/models", "/var/cache/tiue/engines"]
@@ -137,8 +137,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     TIUE_PORT=8000 \
     TIUE_BACKEND=torch \
     TIUE_DEVICE=cpu \
-    TIUE_DTYPE=fp32 \
-    TIUE_ENGINE_DIR=/var/cache/tiue/engines
+    TIUE_PRECISION=fp32 \
+    TIUE_ENGINE_DIR=/var/cache/tiue/engines \
+    OMP_WAIT_POLICY=PASSIVE
+# TIUE_THREADS is left to the server: it follows the container's CPU limit (cgroup cpu.max) at start.
 VOLUME ["/models", "/var/cache/tiue/engines"]
 USER 10001:10001
 EXPOSE 8000

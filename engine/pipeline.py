@@ -39,7 +39,7 @@ class TiUEPipeline:
         self.info = ModelInfo(
             name=components.name,
             backend=backend.name,
-            dtype=config.precision.value,
+            precision=config.precision.value,
             device=str(backend.device),
             steps=components.chain.steps,
             max_prompt_tokens=self.dims.seq_len,

@@ -65,7 +65,7 @@ class ModelInfo:
 
     name: str
     backend: str
-    dtype: str
+    precision: str
     device: str
     steps: int
     max_prompt_tokens: int  # text encoder window, including BOS/EOS

@@ -1,20 +1,21 @@
-"""`tiue`: one command, subcommands registered by small functions; heavy imports wait for the handler.
+"""`tiue`: one command for serving and its tools, one settings model for all of them.
 
-Each `_add_<name>(subparsers)` adds one subcommand and sets `handler` (args -> exit code), so
-`tiue --help` imports neither torch nor FastAPI.
+Every subcommand reads the same `TIUE_*` variables (service.settings.Settings); its flags, made from
+the settings' own fields (type, choices, default, description), override them. Heavy imports wait for
+the handler, so `tiue --help` imports neither torch nor FastAPI.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from engine.cli import add_generate_parser
-from engine.export.cli import add_build_engines_parser, add_export_parser
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import uvicorn
@@ -22,58 +23,174 @@ if TYPE_CHECKING:
 
     from service.settings import Settings
 
-_SERVE_FLAGS = {  # flag -> Settings field; a flag given on the command line wins over TIUE_* variables
-    "host": "host",
-    "port": "port",
-    "model": "model_dir",
-    "backend": "backend",
-    "device": "device",
-    "dtype": "dtype",
-    "steps": "steps",
-    "engine_dir": "engine_dir",
-    "build_engines": "build_engines",
-    "torch_compile": "torch_compile",
-    "threads": "threads",
-    "max_batch_size": "max_batch_size",
-    "max_wait_ms": "max_wait_ms",
-    "queue_size": "queue_size",
-    "log_level": "log_level",
-    "log_format": "log_format",
-}
+# Settings every command that loads a model reads.
+ENGINE_FIELDS = (
+    "model_dir",
+    "backend",
+    "device",
+    "precision",
+    "steps",
+    "engine_dir",
+    "build_engines",
+    "torch_compile",
+    "threads",
+    "max_batch_size",
+)
+_FLAG_NAMES = {"model_dir": "model"}  # a field whose flag is not its own name
+_NOT_FLAGS = frozenset({"api_keys"})  # secrets stay out of the command line (and `ps`): TIUE_API_KEYS only
+
+
+def _flag(field: str) -> str:
+    return "--" + _FLAG_NAMES.get(field, field).replace("_", "-")
+
+
+def _plain_type(annotation: Any) -> Any:
+    """`X | None` -> X."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return annotation
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, fields: Iterable[str]) -> None:
+    """One flag per settings field, defaulting to None so that only a flag given overrides TIUE_*."""
+    from service.settings import Settings
+
+    group = parser.add_argument_group("settings (each also read from its TIUE_* variable)")
+    for name in fields:
+        info = Settings.model_fields[name]
+        kind = _plain_type(info.annotation)
+        default = info.default.value if isinstance(info.default, enum.Enum) else info.default
+        shown = "" if default is None or info.default_factory is not None else f"; default: {default}"
+        help_text = f"{info.description or name.replace('_', ' ')} (TIUE_{name.upper()}{shown})"
+        options: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            options["choices"] = [member.value for member in kind]
+            options["type"] = str.lower  # as the settings read TIUE_*: JSON and json alike
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind in (int, float, Path):
+            options["type"] = kind
+        group.add_argument(_flag(name), **options)
+
+
+def settings_from(args: argparse.Namespace, fields: Iterable[str]) -> Settings:
+    """TIUE_* environment variables, overridden by the flags given on the command line."""
+    from service.settings import Settings
+
+    overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    return Settings(**overrides)
+
+
+def serve_settings(args: argparse.Namespace) -> Settings:
+    return settings_from(args, _serve_fields())
+
+
+def _serve_fields() -> list[str]:
+    from service.settings import Settings
+
+    return [name for name in Settings.model_fields if name not in _NOT_FLAGS]
+
+
+def _size(text: str) -> tuple[int, int]:
+    from engine.cli import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _batch(text: str) -> Any:
+    from engine.export.cli import parse_batch
+
+    try:
+        return parse_batch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_profile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch",
+        type=_batch,
+        default=None,
+        metavar="MIN:OPT:MAX",
+        help="batch range (default 1:4:max-batch-size)",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="image sizes in pixels, one profile each: MIN:OPT:MAX for both sides, or W_RANGExH_RANGE "
+        "(e.g. 256:512:768 or 512x512:768:1024); default half to 1.5 times the native size",
+    )
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve the HTTP API",
-        description="Serve the HTTP API. Settings come from TIUE_* environment variables (see "
-        "README.md, The HTTP service); these flags override them. With nothing set it serves the embedded "
-        "default model on 127.0.0.1:8000.",
+        description="Serve the HTTP API. With nothing set it serves the embedded default model on "
+        "127.0.0.1:8000. Every setting is also read from its TIUE_* variable (docs/api.md, Settings); "
+        "API keys only from TIUE_API_KEYS.",
     )
-    p.add_argument("--host", help="bind address (TIUE_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TIUE_PORT, default 8000")
-    p.add_argument("--model", type=Path, help="diffusers pipeline folder (TIUE_MODEL_DIR; default: embedded)")
-    p.add_argument("--backend", help="torch | onnxruntime | tensorrt (TIUE_BACKEND)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (TIUE_DEVICE)")
-    p.add_argument("--dtype", help="fp32 | fp16 | bf16 (TIUE_DTYPE)")
-    p.add_argument("--steps", type=int, help="TiUE decoder steps (TIUE_STEPS)")
-    p.add_argument("--engine-dir", type=Path, help="compiled-engine cache (TIUE_ENGINE_DIR)")
-    p.add_argument("--build-engines", action="store_true", default=None, help="build missing engines at load")
-    p.add_argument("--torch-compile", action="store_true", default=None, help="torch.compile the backend")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads, 0 = library default (TIUE_THREADS)")
-    p.add_argument("--max-batch-size", type=int, help="images per engine call (TIUE_MAX_BATCH_SIZE)")
-    p.add_argument("--max-wait-ms", type=float, help="batch collection window (TIUE_MAX_WAIT_MS)")
-    p.add_argument("--queue-size", type=int, help="images that may wait (TIUE_QUEUE_SIZE)")
-    p.add_argument("--log-level", help="debug | info | warning | error (TIUE_LOG_LEVEL)")
-    p.add_argument("--log-format", help="text | json: one JSON object per line (TIUE_LOG_FORMAT)")
+    add_setting_flags(p, _serve_fields())
     p.set_defaults(handler=_run_serve)
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate one image and print per-stage timings",
+        description="Generate one image with the model, backend and precision the server would use.",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    p.add_argument(
+        "--size", type=_size, default=None, help="WxH in pixels (default: the model's native size)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("out.png"), help="image file; the suffix picks the format"
+    )
+    add_setting_flags(p, ENGINE_FIELDS)
+    p.set_defaults(handler=_run_generate)
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export the ONNX graphs (text encoder, TiUE denoiser, VAE decoder)",
+        description="Export the text encoder, the whole TiUE denoiser (one graph) and the VAE decoder to "
+        "ONNX with dynamic batch and size, into a cache entry under --out (use it as the engine dir).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="engine folder to write the entry into")
+    _add_profile_options(p)
+    add_setting_flags(p, ("model_dir", "device", "precision", "steps", "max_batch_size"))
+    p.set_defaults(handler=_run_export)
+
+
+def _add_build_engines(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "build-engines",
+        help="build the compiled artefacts the service loads (TensorRT engines or ONNX graphs)",
+        description="For --backend tensorrt: export the ONNX graphs if needed and build TensorRT engines "
+        "from them for this GPU and TensorRT version; for --backend onnxruntime: export the graphs. Into "
+        "--engine-dir, where the server with the same settings finds them by their key.",
+    )
+    _add_profile_options(p)
+    add_setting_flags(
+        p, ("model_dir", "backend", "device", "precision", "steps", "engine_dir", "max_batch_size")
+    )
+    p.set_defaults(handler=_run_build_engines)
 
 
 _REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_serve,
-    add_generate_parser,
-    add_export_parser,
-    add_build_engines_parser,
+    _add_generate,
+    _add_export,
+    _add_build_engines,
 )
 
 
@@ -95,19 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(args)
 
 
-def serve_settings(args: argparse.Namespace) -> Settings:
-    """TIUE_* environment variables, overridden by the flags given on the command line."""
-    from service.settings import Settings
-
-    overrides = {
-        field: getattr(args, flag) for flag, field in _SERVE_FLAGS.items() if getattr(args, flag) is not None
-    }
-    return Settings(**overrides)
-
-
-def settings_error(exc: ValidationError) -> str:
+def settings_error(exc: ValidationError, command: str = "serve") -> str:
     """Each bad setting and what is wrong with it, never the values given: one of them may be an API key."""
-    lines = ["tiue serve: invalid settings"]
+    lines = [f"tiue {command}: invalid settings"]
     for error in exc.errors(include_input=False, include_url=False, include_context=False):
         field = ".".join(str(part) for part in error["loc"]) or "settings"
         lines.append(f"  {field}: {str(error['msg']).removeprefix('Value error, ')}")
@@ -121,17 +228,59 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def _settings_or_exit(args: argparse.Namespace, fields: Iterable[str]) -> Settings | None:
     from pydantic import ValidationError
 
+    try:
+        return settings_from(args, fields)
+    except ValidationError as exc:
+        print(settings_error(exc, args.command), file=sys.stderr)
+        return None
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from engine.cli import generate_image
+
+    settings = _settings_or_exit(args, ENGINE_FIELDS)
+    if settings is None:
+        return 2
+    return generate_image(settings.engine_config(), args.prompt, args.seed, args.size, args.out)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from engine.export.cli import export_graphs
+
+    settings = _settings_or_exit(args, ("model_dir", "device", "precision", "steps", "max_batch_size"))
+    if settings is None:
+        return 2
+    _tool_logging()
+    return export_graphs(settings.engine_config(), args.out, args.batch, args.sizes)
+
+
+def _run_build_engines(args: argparse.Namespace) -> int:
+    from engine.export.cli import build_engines
+
+    fields = ("model_dir", "backend", "device", "precision", "steps", "engine_dir", "max_batch_size")
+    settings = _settings_or_exit(args, fields)
+    if settings is None:
+        return 2
+    _tool_logging()
+    return build_engines(settings.engine_config(), args.batch, args.sizes)
+
+
+def _tool_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.logs import configure_logging
     from service.server import build_server
 
-    try:
-        settings = serve_settings(args)
-    except ValidationError as exc:
-        print(settings_error(exc), file=sys.stderr)
+    settings = _settings_or_exit(args, _serve_fields())
+    if settings is None:
         return 2
     configure_logging(settings.log_level.value, settings.log_format)
 

@@ -90,7 +90,7 @@ class ServiceMetrics:
         self.model_info = Gauge(
             "tiue_model_info",
             "The loaded model; always 1.",
-            ["model", "backend", "dtype", "device"],
+            ["model", "backend", "precision", "device"],
             registry=r,
         )
         self.ready = Gauge("tiue_ready", "1 when the model is loaded, warmed and taking work.", registry=r)

@@ -52,19 +52,27 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TIUE_", case_sensitive=False, extra="ignore")
 
     # The model and how it runs (forwarded to engine.EngineConfig).
-    model_dir: Path | None = None  # None: the embedded default model
-    backend: BackendName = BackendName.TORCH
-    device: str = "cpu"
-    dtype: Precision = Precision.FP32
-    steps: int = Field(default=4, ge=1, le=50)
-    engine_dir: Path | None = None
-    build_engines: bool = False
-    torch_compile: bool = False
+    model_dir: Path | None = Field(
+        default=None, description="a diffusers pipeline folder (unset: the embedded default model)"
+    )
+    backend: BackendName = Field(default=BackendName.TORCH, description="what runs the model")
+    device: str = Field(default="cpu", description="cpu, cuda, cuda:1, ...")
+    precision: Precision = Field(default=Precision.FP32, description="weights and activations")
+    steps: int = Field(default=4, ge=1, le=50, description="TiUE decoder steps")
+    engine_dir: Path | None = Field(
+        default=None, description="compiled-artefact cache (unset: the cache root's engines/)"
+    )
+    build_engines: bool = Field(
+        default=False, description="compiled backends: build missing artefacts at load instead of refusing"
+    )
+    torch_compile: bool = Field(
+        default=False, description="torch backend: torch.compile the denoiser and decoder"
+    )
     threads: int = Field(
         default_factory=available_cpus,
         ge=0,
         le=256,
-        description="CPU intra-op threads (default: the container's CPU limit, else the usable CPUs; "
+        description="CPU intra-op threads (unset: the container's CPU limit, else the usable CPUs; "
         "0: the library's own default)",
     )
 
@@ -167,7 +175,7 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("backend", "dtype", "log_level", "log_format", "prompt_policy", mode="before")
+    @field_validator("backend", "precision", "log_level", "log_format", "prompt_policy", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -204,7 +212,7 @@ class Settings(BaseSettings):
             model_dir=self.model_dir,
             backend=self.backend,
             device=self.device,
-            precision=self.dtype,
+            precision=self.precision,
             steps=self.steps,
             engine_dir=self.engine_dir,
             build_engines=self.build_engines,

@@ -96,7 +96,11 @@ class ServiceState:
             pipeline = await self.worker.call(factory)
             info = pipeline.info
             logger.info(
-                "model %s loaded (%s, %s, %s); warming up", info.name, info.backend, info.dtype, info.device
+                "model %s loaded (%s, %s, %s); warming up",
+                info.name,
+                info.backend,
+                info.precision,
+                info.device,
             )
             await self.worker.call(pipeline.warmup)
             await self.worker.call(lambda: self._calibrate(pipeline))
@@ -111,7 +115,7 @@ class ServiceState:
             return
         self.pipeline = pipeline
         self.metrics.model_info.labels(
-            model=info.name, backend=info.backend, dtype=info.dtype, device=info.device
+            model=info.name, backend=info.backend, precision=info.precision, device=info.device
         ).set(1)
         self.worker.start(pipeline)
         self.phase = Phase.READY

@@ -84,7 +84,7 @@ def test_count_tokens_includes_bos_eos_and_is_not_truncated(pipeline: TiUEPipeli
 
 def test_info_describes_the_model(pipeline: TiUEPipeline, tiny_model_dir_any: Path) -> None:
     info = pipeline.info
-    assert (info.backend, info.dtype, info.device, info.steps) == ("torch", "fp32", "cpu", 4)
+    assert (info.backend, info.precision, info.device, info.steps) == ("torch", "fp32", "cpu", 4)
     assert info.size_multiple == 16 and info.default_size == 64
     assert info.name == tiny_model_dir_any.name
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,9 @@ import pytest
 
 from engine.backends.torch_backend import TorchBackend
 from engine.config import EngineConfig
-from engine.export.cli import add_build_engines_parser, add_export_parser
 from engine.pipeline import TiUEPipeline, load_pipeline
 from engine.types import BackendName
+from service.cli import main
 
 # Exported for batch 1..4 tuned at 2 and 32..96 px (latent 4..12); tests run other batches and sizes.
 EXPORT_ARGS = ["--batch", "1:2:4", "--sizes", "32:64:96"]
@@ -21,14 +20,8 @@ MAX_BATCH = 4
 
 
 def cli(*argv: object) -> int:
-    """Run `tiue export|build-engines ...` as the service CLI will register them."""
-    parser = argparse.ArgumentParser(prog="tiue")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_parser(sub)
-    add_build_engines_parser(sub)
-    args = parser.parse_args([str(a) for a in argv])
-    status: int = args.handler(args)
-    return status
+    """Run `tiue export|build-engines ...`, the real command line."""
+    return main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="session")

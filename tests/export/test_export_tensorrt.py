@@ -45,6 +45,8 @@ def test_exported_graphs_build_into_engines(
     tiny_model_dir: Path, fp16_engine_dir: Path, tiue: Callable[..., int], export_args: list[str]
 ) -> None:
     args = (
+        "--backend",
+        "tensorrt",
         "--model",
         tiny_model_dir,
         "--engine-dir",

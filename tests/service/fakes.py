@@ -21,7 +21,7 @@ from service.settings import Settings
 FAKE_INFO = ModelInfo(
     name="fake-tiue",
     backend="torch",
-    dtype="fp32",
+    precision="fp32",
     device="cpu",
     steps=4,
     max_prompt_tokens=8,

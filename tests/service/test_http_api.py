@@ -508,7 +508,7 @@ async def test_metrics_cover_the_request_path(engine: FakeEngine) -> None:
         await client.post("/generate", json={"prompt": ""})
         text = (await client.get("/metrics")).text
     for line in (
-        'tiue_model_info{backend="torch",device="cpu",dtype="fp32",model="fake-tiue"} 1.0',
+        'tiue_model_info{backend="torch",device="cpu",model="fake-tiue",precision="fp32"} 1.0',
         "tiue_ready 1.0",
         "tiue_images_generated_total 3.0",
         "tiue_batch_size_images_sum 3.0",

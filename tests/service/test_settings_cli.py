@@ -27,7 +27,7 @@ def test_environment_is_read_with_the_tiue_prefix(monkeypatch: pytest.MonkeyPatc
     env = {
         "TIUE_MODEL_DIR": str(tmp_path),
         "TIUE_BACKEND": "ONNXRuntime",
-        "TIUE_DTYPE": "fp16",
+        "TIUE_PRECISION": "fp16",
         "TIUE_DEVICE": "cuda:1",
         "TIUE_MAX_BATCH_SIZE": "8",
         "TIUE_MAX_WAIT_MS": "2.5",
@@ -59,7 +59,7 @@ def test_empty_model_dir_means_the_embedded_model(monkeypatch: pytest.MonkeyPatc
         ({"TIUE_MIN_SIZE": "512", "TIUE_MAX_SIZE": "256"}, "larger than max_size"),
         ({"TIUE_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
         ({"TIUE_BACKEND": "trt"}, "backend"),
-        ({"TIUE_DTYPE": "int8"}, "dtype"),
+        ({"TIUE_PRECISION": "int8"}, "precision"),
     ],
 )
 def test_inconsistent_settings_fail_at_startup(
