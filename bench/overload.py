@@ -324,11 +324,28 @@ def metric_sum(text: str, name: str) -> float | None:
 
 
 def discarded(text: str, tally: Tally) -> str:
-    exported = metric_sum(text, "tiue_images_discarded_total")
-    if exported is not None:
-        return f"{exported:.0f}"
-    generated = metric_sum(text, "tiue_images_generated_total") or 0.0
-    return f"{generated - tally.delivered:.0f} (generated - delivered)"
+    """Images made for nobody: by reason when the server exports it, else generated minus delivered.
+    Images the server dropped from a batch before running it (`tiue_images_skipped_total`) cost nothing
+    and are listed apart."""
+    found = _by_reason(text, "tiue_images_discarded_total")
+    if not found:
+        generated = metric_sum(text, "tiue_images_generated_total") or 0.0
+        return f"{generated - tally.delivered:.0f} (generated - delivered)"
+    cell = f"{sum(found.values()):.0f}" + _reasons(found)
+    skipped = _by_reason(text, "tiue_images_skipped_total")
+    if sum(skipped.values()):
+        cell += f"; skipped before running: {sum(skipped.values()):.0f}" + _reasons(skipped)
+    return cell
+
+
+def _by_reason(text: str, name: str) -> dict[str, float]:
+    found = re.findall(rf'^{re.escape(name)}\{{reason="([^"]*)"\}} (\S+)$', text, re.MULTILINE)
+    return {reason: float(value) for reason, value in found}
+
+
+def _reasons(counts: dict[str, float]) -> str:
+    listed = ", ".join(f"{reason} {value:.0f}" for reason, value in counts.items() if value)
+    return f" ({listed})" if listed else ""
 
 
 def percentile(values: list[float], q: float) -> float | None:
