@@ -90,6 +90,12 @@ class Batch:
         return sum(item.images for item in self.items)
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of its images; the key may hold more (what else must match to share a batch)."""
+        first = self.items[0].requests[0]
+        return first.width, first.height
+
+    @property
     def cost_s(self) -> float:
         return sum(item.cost_s for item in self.items)
 

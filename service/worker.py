@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from engine.types import DEVICE_STAGES, BatchResult, GenerationRequest
 from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, WorkItem
@@ -30,7 +30,7 @@ class EngineContractError(RuntimeError):
 
 
 def _size(batch: Batch) -> str:
-    width, height = cast(tuple[int, int], batch.key)
+    width, height = batch.size
     return f"{width}x{height}"
 
 
@@ -155,7 +155,7 @@ class DeviceWorker:
     def _submit(self, pipeline: Pipeline, batch: Batch) -> _Run:
         for item in batch.items:
             self._metrics.queue_wait.observe(batch.formed_at - item.enqueued_at)
-        size = cast(tuple[int, int], batch.key)
+        size = batch.size
 
         def seconds_for(images: int) -> float:
             return self._cost.seconds(size, images)
@@ -224,7 +224,7 @@ class DeviceWorker:
     def _deliver(self, batch: Batch, done: _Done) -> None:
         assert done.result is not None
         result, requests = done.result, [r for item in done.live for r in item.requests]
-        self._cost.observe(cast(tuple[int, int], batch.key), len(requests), done.seconds)
+        self._cost.observe(batch.size, len(requests), done.seconds)
         self._metrics.images_generated.inc(len(requests))
         self._metrics.batch_size.observe(len(requests))
         for stage, stage_s in result.timings.items():
