@@ -45,11 +45,12 @@ _RETRY_AFTER = {
     "description": "Seconds to wait before retrying.",
     "schema": {"type": "integer", "minimum": 1},
 }
-# On every answer (service.middleware): the caller's own ID when it is a sane token, else a new one.
+# On every answer the app makes (service.middleware): the caller's own ID when it is a sane token, else a
+# new one. Not required: the answers the connection guard writes itself (service.connections: over the
+# connection cap, a header timeout, a request cut off by shutdown) are made outside the app and carry none.
 _REQUEST_ID = {
     "X-Request-ID": {
-        "description": "This request's ID, as in the server's logs (and the error body's request_id).",
-        "required": True,
+        "description": "This request's ID, as in the server's logs and the error body's request_id.",
         "schema": {"type": "string"},
     }
 }

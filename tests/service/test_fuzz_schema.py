@@ -101,7 +101,7 @@ def test_the_served_schema_states_the_limits_and_statuses(served: ThreadedServer
     for operations in paths.values():
         for operation in operations.values():
             for response in operation["responses"].values():
-                assert response["headers"]["X-Request-ID"]["required"] is True
+                assert "X-Request-ID" in response["headers"]
 
 
 def test_with_api_keys_the_schema_asks_for_one() -> None:
@@ -130,11 +130,13 @@ def test_the_fuzzed_schema_is_the_served_one(served: ThreadedServer) -> None:
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,  # the same examples every run: CI fails on the code, not on the draw
+    database=None,  # nothing written into the checkout
 )
 def test_every_answer_matches_the_schema(case: Any, served: ThreadedServer) -> None:
     # Not positive_data_acceptance: some rules are the model's or span fields (sides a multiple of 16,
     # width with height), so a schema-valid body may still get its 422, which is documented.
-    case.call_and_validate(base_url=served.url, excluded_checks=[positive_data_acceptance])
+    response = case.call_and_validate(base_url=served.url, excluded_checks=[positive_data_acceptance])
+    assert response.headers.get("x-request-id"), "every answer the app makes carries its request ID"
 
 
 # -- the hand-made nasty bodies -------------------------------------------------------------------
