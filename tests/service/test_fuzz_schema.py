@@ -36,6 +36,7 @@ LIMITS: dict[str, Any] = {
     "request_timeout_s": 10,
 }
 GOOD = {"prompt": "a red circle", "seed": 7}
+KEY = "secret-1"
 
 
 class ThreadedServer:
@@ -75,6 +76,12 @@ def served() -> Iterator[ThreadedServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def served_with_keys() -> Iterator[ThreadedServer]:
+    with ThreadedServer(FakeEngine(), **LIMITS, api_keys=KEY) as server:
+        yield server
+
+
 def test_the_served_schema_states_the_limits_and_statuses(served: ThreadedServer) -> None:
     schema = httpx.get(f"{served.url}/openapi.json").json()
     bodies = schema["components"]["schemas"]
@@ -105,7 +112,7 @@ def test_the_served_schema_states_the_limits_and_statuses(served: ThreadedServer
 
 
 def test_with_api_keys_the_schema_asks_for_one() -> None:
-    schema = create_app(make_settings(api_keys="secret-1"), pipeline_factory=FakeEngine).openapi()
+    schema = create_app(make_settings(api_keys=KEY), pipeline_factory=FakeEngine).openapi()
     for path in ("/generate", "/v1/images/generations"):
         operation = schema["paths"][path]["post"]
         assert operation["security"] == [{"HTTPBearer": []}]
@@ -137,6 +144,28 @@ def test_every_answer_matches_the_schema(case: Any, served: ThreadedServer) -> N
     # width with height), so a schema-valid body may still get its 422, which is documented.
     response = case.call_and_validate(base_url=served.url, excluded_checks=[positive_data_acceptance])
     assert response.headers.get("x-request-id"), "every answer the app makes carries its request ID"
+
+
+SCHEMA_WITH_KEYS = create_app(make_settings(**LIMITS, api_keys=KEY), pipeline_factory=FakeEngine).openapi()
+schema_with_keys = schemathesis.openapi.from_dict(SCHEMA_WITH_KEYS).include(method="POST")
+
+
+@pytest.mark.slow
+@schema_with_keys.parametrize()
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+    database=None,
+)
+def test_with_api_keys_every_answer_matches_the_schema(case: Any, served_with_keys: ThreadedServer) -> None:
+    """With the key; schemathesis also sends each case without it and with a wrong one (401 expected)."""
+    case.call_and_validate(
+        base_url=served_with_keys.url,
+        headers={"Authorization": f"Bearer {KEY}"},
+        excluded_checks=[positive_data_acceptance],
+    )
 
 
 # -- the hand-made nasty bodies -------------------------------------------------------------------
@@ -172,9 +201,9 @@ async def test_nasty_bodies_are_4xx_with_a_code_and_leave_the_service_healthy(
 )
 async def test_without_a_key_a_bad_body_is_401_not_400(route: str, content: bytes) -> None:
     """Auth comes before the body is parsed: a caller without a key learns nothing about the body."""
-    async with serve(FakeEngine(), api_keys="secret-1") as (client, _app):
+    async with serve(FakeEngine(), api_keys=KEY) as (client, _app):
         response = await client.post(route, content=content, headers=JSON)
         assert response.status_code == 401, response.text
         assert response.json()["error"]["code"] == "unauthorized"
-        good = await client.post(route, json=GOOD, headers={"Authorization": "Bearer secret-1"})
+        good = await client.post(route, json=GOOD, headers={"Authorization": f"Bearer {KEY}"})
         assert good.status_code == 200
