@@ -13,7 +13,8 @@ Each scenario gets a fresh server in a subprocess on 127.0.0.1 (so its counters 
 Goodput counts images answered 200 within the request timeout. Images discarded are read from
 `tiue_images_discarded_total` (work done for requests that had given up or expired) when the server
 exports it, else estimated as images generated minus images delivered. Each client sends its own API
-key (the server is started with one per client), so a server that tells clients apart can.
+key (the server is started with one per client), so a server that tells clients apart can;
+`--no-keys` sends none, so every request comes from one address, as from behind a load balancer.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class Server:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "TIUE_LOG_LEVEL": "warning"}
-        all_settings = {"port": port, "max_batch_size": args.max_batch_size, "api_keys": ",".join(KEYS)}
+        keys = "" if args.no_keys else ",".join(KEYS)
+        all_settings = {"port": port, "max_batch_size": args.max_batch_size, "api_keys": keys}
         all_settings.update(settings)
         if args.fake:
             cfg = {"settings": all_settings, "batch_ms": args.batch_ms, "image_ms": args.image_ms}
@@ -235,9 +237,11 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str
     return int(head[0].split(" ")[1]), fields
 
 
-async def send(pool: Pool, key: str, tally: Tally) -> str:
+async def send(pool: Pool, key: str | None, tally: Tally) -> str:
     body = json.dumps({"prompt": random.choice(PROMPTS), "n": 1, "output_format": "jpeg"}).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     started = time.perf_counter()
     tally.sent += 1
     server_s = None
@@ -266,20 +270,26 @@ async def _client(url: str, timeout_s: float) -> AsyncIterator[Pool]:
         pool.close()
 
 
-async def closed_loop(url: str, clients: int, duration_s: float, timeout_s: float) -> Tally:
+async def closed_loop(
+    url: str, keys: Sequence[str | None], clients: int, duration_s: float, timeout_s: float
+) -> Tally:
+    """Each client sends its next request as soon as it has an answer, whatever the answer: at capacity,
+    full batches; in the retry storm, a 429 or 503 resent at once (Retry-After ignored)."""
     tally = Tally(timeout_s)
     stop = time.perf_counter() + duration_s
 
     async def one(i: int) -> None:
         while time.perf_counter() < stop:
-            await send(client, KEYS[i % len(KEYS)], tally)
+            await send(client, keys[i % len(keys)], tally)
 
     async with _client(url, timeout_s) as client:
         await asyncio.gather(*(one(i) for i in range(clients)))
     return tally
 
 
-async def open_loop(url: str, rate: float, duration_s: float, timeout_s: float, seed: int) -> Tally:
+async def open_loop(
+    url: str, keys: Sequence[str | None], rate: float, duration_s: float, timeout_s: float, seed: int
+) -> Tally:
     """Poisson arrivals at `rate` requests/s, whatever the server answers (users do not wait for each other)."""
     tally = Tally(timeout_s)
     rng = random.Random(seed)
@@ -292,25 +302,11 @@ async def open_loop(url: str, rate: float, duration_s: float, timeout_s: float, 
             if next_at - started > duration_s:
                 break
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            task = asyncio.create_task(send(client, rng.choice(KEYS), tally))
+            task = asyncio.create_task(send(client, rng.choice(keys), tally))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
-    return tally
-
-
-async def retry_storm(url: str, clients: int, duration_s: float, timeout_s: float) -> Tally:
-    """Each client sends; on 429 or 503 it sends again at once (ignoring Retry-After), else moves on."""
-    tally = Tally(timeout_s)
-    stop = time.perf_counter() + duration_s
-
-    async def one(i: int) -> None:
-        while time.perf_counter() < stop:
-            await send(client, KEYS[i], tally)
-
-    async with _client(url, timeout_s) as client:
-        await asyncio.gather(*(one(i) for i in range(clients)))
     return tally
 
 
@@ -438,60 +434,49 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=5.0, help="request_timeout_s for the open-loop runs")
     parser.add_argument("--loads", default="0.5,1,2,4", help="open-loop rates, as multiples of capacity")
     parser.add_argument("--no-storm", action="store_true", help="skip the retry storm")
+    parser.add_argument("--no-keys", action="store_true", help="no API keys: every client is one address")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def scenarios(args: argparse.Namespace) -> list[Row]:
+    """Capacity (unless given), the open-loop rates, the storm; each row also printed as it is done."""
     rows: list[Row] = []
-    open_settings = {"request_timeout_s": args.timeout}
-    timeout = f"timeout {args.timeout:g} s"
+    keys: list[str | None] = [None] if args.no_keys else list(KEYS)
+    capacity: float | None = args.capacity
 
-    def done(row: Row) -> None:
-        rows.append(row)
-        print(" | ".join(row.cells()), file=sys.stderr, flush=True)
+    def run(name: str, settings: dict[str, Any], load: Any, offered: str) -> None:
+        nonlocal capacity
+        tally, text = run_scenario(args, settings, load)
+        if capacity is None:  # the first scenario measures it
+            capacity = tally.good_images / tally.elapsed_s
+        if "{rate}" in offered:
+            offered = offered.format(rate=f"{tally.sent / tally.elapsed_s:.0f}")
+        described = ", ".join(f"{key} {value:g}" for key, value in settings.items())
+        rows.append(Row(name, described, offered, tally, capacity, discarded(text, tally)))
+        print(" | ".join(rows[-1].cells()), file=sys.stderr, flush=True)
 
-    capacity = args.capacity
+    timeout_s = args.timeout
+    open_settings = {"request_timeout_s": timeout_s}
     if capacity is None:
-        clients = 2 * args.max_batch_size
+        n = 2 * args.max_batch_size
         load = partial(
-            closed_loop, clients=clients, duration_s=args.capacity_duration, timeout_s=args.timeout
+            closed_loop, keys=keys, clients=n, duration_s=args.capacity_duration, timeout_s=timeout_s
         )
-        tally, text = run_scenario(args, open_settings, load)
-        capacity = tally.good_images / tally.elapsed_s
-        done(
-            Row(
-                "capacity (closed loop)",
-                timeout,
-                f"{clients} clients",
-                tally,
-                capacity,
-                discarded(text, tally),
-            )
-        )
+        run("capacity (closed loop)", open_settings, load, f"{n} clients")
+    assert capacity is not None
     for multiple in (float(m) for m in args.loads.split(",") if m):
         rate = multiple * capacity
-        load = partial(open_loop, rate=rate, duration_s=args.duration, timeout_s=args.timeout, seed=args.seed)
-        tally, text = run_scenario(args, open_settings, load)
-        done(
-            Row(
-                f"open loop {multiple:g}x",
-                timeout,
-                f"{rate:.1f} req/s",
-                tally,
-                capacity,
-                discarded(text, tally),
-            )
+        load = partial(
+            open_loop, keys=keys, rate=rate, duration_s=args.duration, timeout_s=timeout_s, seed=args.seed
         )
+        run(f"open loop {multiple:g}x", open_settings, load, f"{rate:.1f} req/s")
     if not args.no_storm:
         storm = {"queue_size": 8, "request_timeout_s": 1.0}
-        load = partial(retry_storm, clients=STORM_CLIENTS, duration_s=args.duration, timeout_s=1.0)
-        tally, text = run_scenario(args, storm, load)
-        offered = f"{STORM_CLIENTS} clients, {tally.sent / tally.elapsed_s:.0f} req/s"
-        done(
-            Row("retry storm", "queue_size 8, timeout 1 s", offered, tally, capacity, discarded(text, tally))
-        )
+        n = STORM_CLIENTS
+        load = partial(closed_loop, keys=keys, clients=n, duration_s=args.duration, timeout_s=1.0)
+        run("retry storm", storm, load, f"{n} clients, {{rate}} req/s")
     return rows
 
 
