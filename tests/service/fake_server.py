@@ -1,8 +1,9 @@
 """`python tests/service/fake_server.py`: the real server (service.server) with the fake engine, in its own
 process, for tests that send it signals or starve it of file descriptors. Settings from TIUE_* variables.
 
-Prints `port N` on stdout once ready (after `--leave-fds`: once only that many descriptors are free);
-logs go to stderr. `--hold` keeps the fake device busy until the server has exited.
+Prints `port N` on stdout once ready (after `--leave-fds`: once only that many descriptors are free),
+then `device N` as each batch of N images reaches the fake device; logs go to stderr. `--hold` keeps
+the fake device busy until the server has exited.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import resource
 import socket
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,6 +41,11 @@ def occupy_all_but(free: int) -> list[int]:
     return held
 
 
+def report_batches(engine: FakeEngine) -> None:
+    while True:
+        print(f"device {len(engine.entered.get())}", flush=True)
+
+
 async def main(args: argparse.Namespace) -> None:
     engine = FakeEngine()
     if args.hold:
@@ -52,6 +59,7 @@ async def main(args: argparse.Namespace) -> None:
     await asyncio.wait_for(app.state.tiue.ready.wait(), 30)
     held = occupy_all_but(args.leave_fds) if args.leave_fds is not None else []
     print(f"port {sock.getsockname()[1]}", flush=True)
+    threading.Thread(target=report_batches, args=(engine,), daemon=True).start()
     try:
         await serving
     finally:

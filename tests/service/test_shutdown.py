@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 
 import httpx
@@ -28,6 +29,30 @@ async def queue_behind_the_held_device(
         tasks.append(asyncio.create_task(client.post("/generate", json={**GOOD, "seed": seed})))
         await wait_until(lambda admitted=admitted: served.state.batcher.queued_seconds > admitted)
     return tasks
+
+
+async def on_the_device(process: subprocess.Popen[str]) -> None:
+    """Until tests/service/fake_server.py says a batch reached its (held) device."""
+    assert process.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 5)
+    assert line.startswith("device "), line
+
+
+async def wait_queued(client: httpx.AsyncClient, images: int) -> None:
+    """Until the server (another process) has `images` admitted and waiting for the device."""
+    async with asyncio.timeout(5):
+        while (await client.get("/readyz")).json()["queued_images"] != images:
+            await asyncio.sleep(0.02)
+
+
+async def wait_draining(url: httpx.URL) -> None:
+    """Until /readyz, asked on new connections (each answer closes its own while draining), says 503."""
+    async with asyncio.timeout(5):
+        while True:
+            async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+                if (await client.get("/readyz")).status_code == 503:
+                    return
+            await asyncio.sleep(0.02)
 
 
 def assert_shutting_down(response: httpx.Response) -> None:
@@ -98,23 +123,21 @@ async def test_when_the_grace_runs_out_queued_work_gets_503_json(engine: FakeEng
 
 @pytest.mark.slow  # about 4 s: a process of its own
 async def test_sigterm_drains_a_real_process_then_it_exits() -> None:
-    with fake_server_process("--hold", max_batch_size=1, shutdown_grace_s=1.5) as (process, port):
+    with fake_server_process("--hold", max_batch_size=2, shutdown_grace_s=1.5) as (process, port):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            queued = [
-                asyncio.create_task(client.post("/generate", json={**GOOD, "seed": i})) for i in range(2)
-            ]
-            await asyncio.sleep(0.3)  # both arrive: one on the held device, one queued
+            queued = [asyncio.create_task(client.post("/generate", json={**GOOD, "seed": 1}))]
+            await on_the_device(process)
+            queued.append(asyncio.create_task(client.post("/generate", json={**GOOD, "seed": 2})))
+            await wait_queued(client, 1)  # half a batch waits behind the busy device
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as newcomer:
+            await wait_draining(client.base_url)  # /readyz is 503 while the queue drains
+            async with httpx.AsyncClient(base_url=client.base_url, timeout=5) as newcomer:
                 refused = await newcomer.post("/generate", json=GOOD)
-                ready = await newcomer.get("/readyz")
             answers = await asyncio.gather(*queued)
         _, stderr = await asyncio.to_thread(wait_for_exit, process, 10)
         exited_after = time.monotonic() - started  # from the signal
     assert_shutting_down(refused)
-    assert ready.status_code == 503
     for answer in answers:
         assert_shutting_down(answer)
     assert process.returncode == 0, stderr
@@ -127,10 +150,9 @@ async def test_a_second_signal_exits_at_once() -> None:
     with fake_server_process("--hold", shutdown_grace_s=30) as (process, port):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             held = asyncio.create_task(client.post("/generate", json=GOOD))
-            await asyncio.sleep(0.3)
+            await on_the_device(process)
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            assert (await client.get("/readyz")).status_code == 503  # draining, for up to 30 s
+            await wait_draining(client.base_url)  # for up to 30 s
             process.send_signal(signal.SIGTERM)
             exited_after, stderr = await asyncio.to_thread(wait_for_exit, process, 10)
             answer = await held
