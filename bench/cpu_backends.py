@@ -25,10 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.pipeline import TiUEPipeline, load_pipeline  # noqa: E402
+from engine.types import DEVICE_STAGES as STAGES  # noqa: E402
 from engine.types import BackendName, GenerationRequest  # noqa: E402
 from tests.support.tiny_model import MID_128, build_tiny_pipeline  # noqa: E402
-
-STAGES = ("text_encode", "denoise", "vae_decode")
 
 
 def time_backends(

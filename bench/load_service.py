@@ -36,7 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENGINE_STAGES = ("text_encode", "denoise", "vae_decode")
+from engine.types import DEVICE_STAGES  # noqa: E402
+
 PROMPTS = ["a red circle on a blue square", "a small green star", "a large yellow ring", "a purple triangle"]
 
 
@@ -219,7 +220,7 @@ async def run_load(
                     errors += 1
                     continue
                 timings = _timings(response, raw)
-                done.append((started, finished, sum(timings.get(s, 0.0) for s in ENGINE_STAGES)))
+                done.append((started, finished, sum(timings.get(s, 0.0) for s in DEVICE_STAGES)))
 
         async def window() -> float:
             await asyncio.sleep(begin + seconds - time.perf_counter())
