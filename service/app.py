@@ -18,7 +18,7 @@ from service.errors import ServiceError, error_response
 from service.middleware import BodyLimitMiddleware, InFlightMiddleware, RequestMetricsMiddleware
 from service.openapi import install_openapi
 from service.protocol import Pipeline, PipelineFactory
-from service.routes import health, images
+from service.routes import health, images, playground
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -68,6 +68,9 @@ def create_app(
     app.state.tiue = state
     app.include_router(health.router)
     app.include_router(images.router)
+    pages = [playground.router] if settings.playground else []
+    for router in pages:
+        app.include_router(router)
     install_openapi(app, settings)
 
     async def handle(request: Request, exc: Exception) -> Response:
@@ -77,7 +80,9 @@ def create_app(
         app.add_exception_handler(exc_type, handle)
 
     routes = frozenset(
-        getattr(route, "path", "") for router in (health.router, images.router) for route in router.routes
+        getattr(route, "path", "")
+        for router in (health.router, images.router, *pages)
+        for route in router.routes
     )
     app.add_middleware(
         BodyLimitMiddleware,

@@ -162,6 +162,7 @@ class Settings(BaseSettings):
     encode_threads: int = Field(default_factory=_default_encode_threads, ge=1, le=64)
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = LogFormat.TEXT  # json: one object per line, for log collectors
+    playground: bool = Field(default=True, description="serve the browser playground at GET / (false: 404)")
 
     @field_validator("api_keys", mode="before")
     @classmethod
