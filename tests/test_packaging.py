@@ -1,5 +1,5 @@
-"""The wheel holds only what serves: engine/, service/ and the embedded model; no training code, judge,
-test helpers or tests. And nothing on the serving import path reaches for them."""
+"""The wheel holds only what serves: engine/, service/ (with the playground's page) and the embedded model;
+no training code, judge, test helpers or tests. And nothing on the serving import path reaches for them."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ NOT_SOURCES = shutil.ignore_patterns(
 
 
 def _sources(package: str) -> set[str]:
-    """The checkout's files of a served package that belong in the wheel: modules and the model."""
+    """The checkout's files of a served package that belong in the wheel: modules, the model, the page."""
     folder = ROOT / package
     found = {p for p in folder.rglob("*.py") if "__pycache__" not in p.parts}
-    found |= {p for p in (folder / "default_model").rglob("*") if p.is_file()}
+    for data in ("default_model", "static"):
+        found |= {p for p in (folder / data).rglob("*") if p.is_file()}
     return {p.relative_to(ROOT).as_posix() for p in found}
 
 
@@ -48,6 +49,7 @@ def test_the_wheel_holds_the_served_packages_and_the_model(wheel_files: list[str
         missing = _sources(package) - set(wheel_files)
         assert not missing, f"left out of the wheel: {sorted(missing)}"
     assert "engine/default_model/model_index.json" in wheel_files
+    assert {f"service/static/playground.{kind}" for kind in ("html", "css", "js")} <= set(wheel_files)
 
 
 def test_the_wheel_holds_nothing_else(wheel_files: list[str]) -> None:
