@@ -17,17 +17,19 @@ from service.settings import Settings
 JsonObject = dict[str, Any]
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+_FASTAPI_422 = {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}
 
 # What each error status means at this server's edge (service/errors.py, service/middleware.py).
 ERROR_DESCRIPTIONS: dict[str, str] = {
     "400": "The body is not valid JSON (or not UTF-8).",
     "401": "API keys are configured and the request carries none, or a wrong one.",
+    "404": "No model of that name is served (code model_not_found).",
     "406": "Accept asks for raw image bytes that cannot carry this answer.",
     "408": "The body did not arrive within the body timeout; the connection is closed.",
     "413": "The body is larger than the server accepts.",
     "415": "The body is not declared as JSON (Content-Type).",
-    "422": "The body is JSON but not a valid request: a field's type or value, a limit of this server, "
-    "or more device time than one request may take (code too_costly).",
+    "422": "Not a valid request: a field's or parameter's type or value, a limit of this server, or more "
+    "device time than one request may take (code too_costly).",
     "429": "The queue is full, or this client's share of it or its rate limit is used up; retry after "
     "Retry-After seconds.",
     "500": "The server failed; the error is in its log.",
@@ -134,10 +136,15 @@ def document_errors(schema: JsonObject) -> None:
                 if not status.isdigit() or int(status) < 400:
                     continue
                 content = response.setdefault("content", {"application/json": {"schema": dict(_ERROR_REF)}})
+                if content == _FASTAPI_422:  # the app's handler answers validation errors in the error shape
+                    response["content"] = content = {"application/json": {"schema": dict(_ERROR_REF)}}
+                    response["description"] = None
                 if content != {"application/json": {"schema": _ERROR_REF}}:
                     continue
                 if response.get("description") in _GENERIC_DESCRIPTIONS + (HTTPStatus(int(status)).phrase,):
-                    response["description"] = ERROR_DESCRIPTIONS.get(status, "Error")
+                    response["description"] = ERROR_DESCRIPTIONS.get(
+                        status, response.get("description", "Error")
+                    )
                 if status in _HEADERS:
                     response["headers"] = {**response.get("headers", {}), **_HEADERS[status]}
     _drop_unused_validation_schemas(schema)
