@@ -59,15 +59,10 @@ class RateLimiter:
 
 class Admission:
     def __init__(
-        self,
-        settings: Settings,
-        batcher: MicroBatcher,
-        cost: CostModel,
-        clock: Callable[[], float] = time.monotonic,
+        self, settings: Settings, batcher: MicroBatcher, clock: Callable[[], float] = time.monotonic
     ):
         self.settings = settings
         self.batcher = batcher
-        self.cost = cost
         self._clock = clock
         burst = settings.rate_limit_burst or settings.max_n
         self.rate = (
@@ -76,12 +71,22 @@ class Admission:
             else None
         )
 
-    def admit(self, client: str, size: Size, images: int, deadline: float, size_multiple: int) -> float:
-        """The request's estimated device seconds, once it may be queued; else the refusal, raised."""
-        cost = self.cost.seconds(size, images)
+    def admit(
+        self,
+        client: str,
+        size: Size,
+        images: int,
+        deadline: float,
+        size_multiple: int,
+        *,
+        cost_model: CostModel,
+    ) -> float:
+        """The request's estimated device seconds by its model's own `cost_model`, once it may be queued; else
+        the refusal, raised. The queue bound counts every model's work in the same device seconds."""
+        cost = cost_model.seconds(size, images)
         limit = min(self.settings.max_request_s, self.settings.request_timeout_s)
         if cost > limit:
-            raise TooCostly(self._too_costly(size, images, cost, limit, size_multiple))
+            raise TooCostly(_too_costly(cost_model, size, images, cost, limit, size_multiple))
         if self.rate is not None:
             wait = self.rate.wait_s(client, images)
             if wait > 0:
@@ -119,18 +124,19 @@ class Admission:
             self.rate.take(client, images)
         return cost
 
-    def _too_costly(self, size: Size, images: int, cost: float, limit: float, multiple: int) -> str:
-        width, height = size
-        each = cost / images
-        fits = self.cost.largest_images(size, limit)
-        side = self.cost.largest_square(images, limit, multiple, max(width, height))
-        ways = []
-        if fits >= 1:
-            ways.append(f"ask for at most {fits} image{'s' if fits > 1 else ''} at {width}x{height}")
-        if side is not None:
-            ways.append(f"a size up to {side}x{side} for {images} image{'s' if images > 1 else ''}")
-        how = " or ".join(ways) if ways else "ask for a smaller size"
-        return (
-            f"this request needs about {cost:.1f} s of device time ({images} x {width}x{height} at about "
-            f"{each:.2f} s each); this server allows {limit:g} s per request: {how}"
-        )
+
+def _too_costly(model: CostModel, size: Size, images: int, cost: float, limit: float, multiple: int) -> str:
+    width, height = size
+    each = cost / images
+    fits = model.largest_images(size, limit)
+    side = model.largest_square(images, limit, multiple, max(width, height))
+    ways = []
+    if fits >= 1:
+        ways.append(f"ask for at most {fits} image{'s' if fits > 1 else ''} at {width}x{height}")
+    if side is not None:
+        ways.append(f"a size up to {side}x{side} for {images} image{'s' if images > 1 else ''}")
+    how = " or ".join(ways) if ways else "ask for a smaller size"
+    return (
+        f"this request needs about {cost:.1f} s of device time ({images} x {width}x{height} at about "
+        f"{each:.2f} s each); this server allows {limit:g} s per request: {how}"
+    )

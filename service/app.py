@@ -4,52 +4,75 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from engine.config import EngineConfig
 from engine.errors import EngineError
 from service.caller import ClientMiddleware
 from service.errors import ServiceError, error_response
 from service.middleware import BodyLimitMiddleware, InFlightMiddleware, RequestMetricsMiddleware
+from service.models import ModelSpec
 from service.openapi import install_openapi
+from service.paths import RoutePaths
 from service.protocol import Pipeline, PipelineFactory
-from service.routes import health, images, playground
+from service.routes import health, images, models, playground
 from service.settings import Settings
 from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
 
-def engine_factory(settings: Settings) -> PipelineFactory:
+def engine_factory(config: EngineConfig) -> PipelineFactory:
     """The real pipeline, imported only when it is built (on the device thread, at startup)."""
 
     def build() -> Pipeline:
         from engine.pipeline import load_pipeline
 
-        pipeline: Pipeline = load_pipeline(settings.engine_config())
+        pipeline: Pipeline = load_pipeline(config)
         return pipeline
 
     return build
+
+
+def model_specs(
+    settings: Settings,
+    pipeline_factory: PipelineFactory | None,
+    pipeline_factories: Mapping[str, PipelineFactory] | None,
+) -> list[ModelSpec]:
+    """What to load, in order: the factories given (tests, benchmarks), else the models in settings."""
+    if pipeline_factories:
+        return [ModelSpec(name, factory) for name, factory in pipeline_factories.items()]
+    if pipeline_factory is not None:
+        return [ModelSpec(None, pipeline_factory)]  # one model, named by its own info
+    config = settings.engine_config()
+    return [
+        ModelSpec(name, engine_factory(replace(config, model_dir=folder)))
+        for name, folder in settings.model_dirs()
+    ]
 
 
 def create_app(
     settings: Settings | None = None,
     pipeline_factory: PipelineFactory | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
+    pipeline_factories: Mapping[str, PipelineFactory] | None = None,
 ) -> FastAPI:
-    """Build the app. `pipeline_factory` replaces the engine (tests, benchmarks); `on_fatal` hears a failed load."""
+    """Build the app. `pipeline_factory` (one model, named by its info) or `pipeline_factories` (name →
+    factory) replace the engine (tests, benchmarks); `on_fatal` hears a failed load."""
     settings = settings or Settings()
     state = ServiceState(settings, on_fatal=on_fatal)
-    factory = pipeline_factory or engine_factory(settings)
+    specs = model_specs(settings, pipeline_factory, pipeline_factories)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(state.load(factory), name="tiue-load")
+        loading = asyncio.create_task(state.load(specs), name="tiue-load")
         try:
             yield
         finally:
@@ -68,6 +91,7 @@ def create_app(
     app.state.tiue = state
     app.include_router(health.router)
     app.include_router(images.router)
+    app.include_router(models.router)
     pages = [playground.router] if settings.playground else []
     for router in pages:
         app.include_router(router)
@@ -79,11 +103,7 @@ def create_app(
     for exc_type in (ServiceError, EngineError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, handle)
 
-    routes = frozenset(
-        getattr(route, "path", "")
-        for router in (health.router, images.router, *pages)
-        for route in router.routes
-    )
+    routes = RoutePaths.of(health.router, images.router, models.router, *pages)
     app.add_middleware(
         BodyLimitMiddleware,
         metrics=state.metrics,
@@ -98,7 +118,8 @@ def create_app(
         limit=settings.max_in_flight,
         metrics=state.metrics,
     )
-    app.add_middleware(ClientMiddleware, api_keys=state.api_keys, metrics=state.metrics, paths=generation)
+    keyed = RoutePaths.of(images.router, models.router)  # behind the API key, when keys are set
+    app.add_middleware(ClientMiddleware, api_keys=state.api_keys, metrics=state.metrics, paths=keyed)
     probes = frozenset(getattr(route, "path", "") for route in health.router.routes)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes, quiet=probes)
     return app

@@ -1,6 +1,6 @@
 """The micro-batcher: a bounded queue of pending work that hands the device worker one batch at a time.
 
-A batch holds items of one key (same output size), at most `max_batch_images` images, and closes
+A batch holds items of one key (`BatchKey`: same model, same output size), at most `max_batch_images` images, and closes
 - when it is full;
 - when its oldest item has waited `max_wait_s` counted from when the device was free to take it
   (the window opens at `next_batch()`, as in Ray Serve): items that queued behind a running batch
@@ -34,6 +34,16 @@ from engine.types import GeneratedImage, GenerationRequest
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
 
 PEAK_WINDOW_S = 5.0  # how long the batcher remembers that N requests were in flight at once
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to ride in one batch: the model that makes them and their size.
+    The batcher itself treats keys as opaque; a new field here is a new way for batches to differ."""
+
+    model: str
+    width: int
+    height: int
 
 
 @dataclass

@@ -4,6 +4,7 @@ for the fair queue and the rate limiter, and the arrival time every deadline cou
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,10 +26,10 @@ class Caller:
 
 
 class ClientMiddleware:
-    """For the generation routes: stamp the arrival, refuse a missing or wrong API key with 401 before
+    """For the generation and model routes: stamp the arrival, refuse a missing or wrong API key with 401 before
     anything reads the body, and name the client."""
 
-    def __init__(self, app: ASGIApp, api_keys: ApiKeys, metrics: ServiceMetrics, paths: frozenset[str]):
+    def __init__(self, app: ASGIApp, api_keys: ApiKeys, metrics: ServiceMetrics, paths: Container[str]):
         self.app = app
         self.api_keys = api_keys
         self.metrics = metrics

@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from engine.errors import InvalidRequestError
-from service.logs import request_id
-from service.metrics import ServiceMetrics
+from service.logs import current_request, request_id
+from service.metrics import NO_MODEL, ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,19 @@ class InvalidInput(ServiceError):
     status_code = 422
     error_type = "invalid_request_error"
     reason = "invalid"
+
+
+class ModelNotFound(ServiceError):
+    """A `model` this server does not serve; OpenAI answers such a request 404 `model_not_found`."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    reason = "model_not_found"
+
+    def __init__(self, name: str, served: Sequence[str]):
+        super().__init__(
+            f"the model '{name}' does not exist on this server; it serves {', '.join(served)}", param="model"
+        )
 
 
 class NotAcceptable(ServiceError):
@@ -223,7 +236,8 @@ def error_response(exc: BaseException, metrics: ServiceMetrics | None) -> JSONRe
         logger.error("unhandled error while serving a request", exc_info=exc)
         error = ServiceError("internal server error")
     if error.reason is not None and metrics is not None:
-        metrics.rejected.labels(reason=error.reason).inc()
+        record = current_request()
+        metrics.rejected.labels(reason=error.reason, model=record.model if record else NO_MODEL).inc()
     detail: dict[str, str | None] = {
         "message": error.message,
         "type": error.error_type,

@@ -14,12 +14,13 @@ from typing import Any, TypeVar
 from starlette.types import Message
 
 from engine.types import DEVICE_STAGES, GenerationRequest, ModelInfo
-from service.batcher import ItemResult
+from service.batcher import BatchKey, ItemResult
 from service.caller import Caller
 from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
 from service.images import OutputFormat, encode_image
 from service.logs import annotate, request_id
 from service.metrics import IMAGE_ENCODE
+from service.models import ServedModel
 from service.settings import PromptPolicy, Settings
 from service.state import ServiceState
 
@@ -32,6 +33,7 @@ T = TypeVar("T")
 class Job:
     """A validated request, whichever route it came from."""
 
+    model: ServedModel
     prompt: str
     n: int
     width: int
@@ -104,6 +106,14 @@ def prompt_warnings(state: ServiceState, prompt: str, info: ModelInfo, tokens: i
     return [message]
 
 
+def resolve_model(state: ServiceState, name: str | None) -> ServedModel:
+    """The model a request asks for (None: the default), named on its access line and in its metrics
+    from here on; an unknown name is a 404 and never becomes a label."""
+    model = state.require_model(name)
+    annotate(model=model.name)
+    return model
+
+
 def random_seed() -> int:
     return secrets.randbelow(_SEED_SPACE)
 
@@ -114,8 +124,8 @@ async def run_job(
     """Validate against the model, admit by cost, queue, wait for the images (or a disconnect or the
     deadline, counted from the request's arrival), encode."""
     started = time.perf_counter()
-    pipeline = state.require_pipeline()
-    info = pipeline.info
+    model = job.model
+    pipeline, info = model.pipeline, model.info
     check_limits(state.settings, info, job.prompt, job.n, job.width, job.height)
     requests = [
         GenerationRequest(job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height)
@@ -128,11 +138,14 @@ async def run_job(
     timeout = state.settings.request_timeout_s
     deadline = caller.arrived + timeout
     size = requests[0].shape_key
-    cost = state.admission.admit(caller.client, size, job.n, deadline, info.size_multiple)
+    cost = state.admission.admit(
+        caller.client, size, job.n, deadline, info.size_multiple, cost_model=model.cost
+    )
     seeds = [request.seed for request in requests]
-    annotate(model=info.name, images=job.n, size=f"{job.width}x{job.height}", seeds=seeds)
+    annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds)
+    key = BatchKey(model.name, job.width, job.height)
     process = state.batcher.process(
-        size, requests, deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
+        key, requests, deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
     )
     try:
         results = await _unless_gone(process, receive, deadline - time.monotonic(), timeout)
@@ -149,7 +162,7 @@ async def run_job(
     encoded = await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64)) for p in pixels))
     encode_s = time.perf_counter() - encode_started
     for _data, seconds in encoded:
-        state.metrics.stage_duration.labels(stage=IMAGE_ENCODE).observe(seconds)
+        state.metrics.stage_duration.labels(stage=IMAGE_ENCODE, model=model.name).observe(seconds)
 
     images = [EncodedImage(data, image.seed) for (data, _s), image in zip(encoded, pixels, strict=True)]
     timings = _timings(results, encode_s, time.perf_counter() - started)

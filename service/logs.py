@@ -40,6 +40,11 @@ class RequestRecord:
     started: float  # perf_counter
     fields: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def model(self) -> str:
+        """The served model the request was routed to ("" before one was chosen): a metric label."""
+        return str(self.fields.get("model", ""))
+
 
 _current: ContextVar[RequestRecord | None] = ContextVar("tiue_request", default=None)
 

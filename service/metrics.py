@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.types import DEVICE_STAGES
+from engine.types import DEVICE_STAGES, ModelInfo
 
 REJECT_REASONS = (
     "queue_full",
@@ -19,10 +19,12 @@ REJECT_REASONS = (
     "not_ready",
     "overloaded",
     "request_timeout",
+    "model_not_found",
 )
 IMAGE_ENCODE = "image_encode"  # on the event loop's encode pool, once per image
 STAGES = (*DEVICE_STAGES, IMAGE_ENCODE)  # every stage a request's timings and the metrics report
 WASTE_REASONS = ("cancelled", "expired")
+NO_MODEL = ""  # the model label of a request refused before a model was chosen (or one with none)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -37,27 +39,29 @@ class ServiceMetrics:
         r = self.registry
         self.request_duration = Histogram(
             "tiue_request_duration_seconds",
-            "Time from the request's arrival to its answer, by route and HTTP status.",
-            ["route", "status"],
+            "Time from the request's arrival to its answer, by route, HTTP status and model.",
+            ["route", "status", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
             "tiue_queue_wait_seconds",
             "Time a request waited in the queue before its batch went to the device.",
+            ["model"],
             buckets=_WAIT_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "tiue_batch_size_images",
             "Images per engine call.",
+            ["model"],
             buckets=tuple(float(b) for b in _batch_buckets(max_batch_size)),
             registry=r,
         )
         self.stage_duration = Histogram(
             "tiue_stage_duration_seconds",
             "Device stages once per batch; image_encode once per image.",
-            ["stage"],
+            ["stage", "model"],
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
@@ -67,7 +71,9 @@ class ServiceMetrics:
             "Generation requests being handled (queued, running or encoding).",
             registry=r,
         )
-        self.images_generated = Counter("tiue_images_generated", "Images the engine produced.", registry=r)
+        self.images_generated = Counter(
+            "tiue_images_generated", "Images the engine produced.", ["model"], registry=r
+        )
         self.images_discarded = Counter(
             "tiue_images_discarded",
             "Images the engine produced for requests that had already given up (cancelled) or timed out (expired).",
@@ -82,18 +88,21 @@ class ServiceMetrics:
             registry=r,
         )
         self.rejected = Counter(
-            "tiue_requests_rejected", "Requests answered without images, by reason.", ["reason"], registry=r
+            "tiue_requests_rejected",
+            "Requests answered without images, by reason and model (empty: refused before a model was chosen).",
+            ["reason", "model"],
+            registry=r,
         )
         self.prompts_truncated = Counter(
             "tiue_prompts_truncated", "Prompts longer than the text encoder's window, cut to fit.", registry=r
         )
         self.model_info = Gauge(
             "tiue_model_info",
-            "The loaded model; always 1.",
+            "One series per loaded model; always 1.",
             ["model", "backend", "precision", "device"],
             registry=r,
         )
-        self.ready = Gauge("tiue_ready", "1 when the model is loaded, warmed and taking work.", registry=r)
+        self.ready = Gauge("tiue_ready", "1 when every model is loaded, warmed and taking work.", registry=r)
         # Connections (service.connections): how close the server is to TIUE_MAX_CONNECTIONS, what it sheds.
         self.open_connections = Gauge("tiue_open_connections", "TCP connections open now.", registry=r)
         self.connections_refused = Counter(
@@ -107,12 +116,23 @@ class ServiceMetrics:
             registry=r,
         )
         for reason in REJECT_REASONS:
-            self.rejected.labels(reason=reason)
+            self.rejected.labels(reason=reason, model=NO_MODEL)
         for reason in WASTE_REASONS:
             self.images_discarded.labels(reason=reason)
             self.images_skipped.labels(reason=reason)
+
+    def add_model(self, name: str, info: ModelInfo) -> None:
+        """A loaded model: its info series, and its zero series so that rates exist before traffic."""
+        self.model_info.labels(
+            model=name, backend=info.backend, precision=info.precision, device=info.device
+        ).set(1)
+        self.images_generated.labels(model=name)
+        self.queue_wait.labels(model=name)
+        self.batch_size.labels(model=name)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason, model=name)
         for stage in STAGES:
-            self.stage_duration.labels(stage=stage)
+            self.stage_duration.labels(stage=stage, model=name)
 
     def track_queue_depth(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

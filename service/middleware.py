@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, error_response
 from service.logs import RequestRecord, log_access, request_context
 from service.metrics import ServiceMetrics
+from service.paths import RoutePaths
 
 
 class RequestMetricsMiddleware:
@@ -24,7 +25,7 @@ class RequestMetricsMiddleware:
         self,
         app: ASGIApp,
         metrics: ServiceMetrics,
-        routes: frozenset[str],
+        routes: RoutePaths,
         quiet: frozenset[str] = frozenset(),
     ):
         self.app = app
@@ -58,8 +59,10 @@ class RequestMetricsMiddleware:
                 await error_response(exc, self.metrics)(scope, receive, send_and_record)
             finally:
                 duration = time.perf_counter() - record.started
-                route = scope["path"] if scope["path"] in self.routes else "other"
-                self.metrics.request_duration.labels(route=route, status=str(status)).observe(duration)
+                route = self.routes.match(scope["path"]) or "other"
+                self.metrics.request_duration.labels(
+                    route=route, status=str(status), model=record.model
+                ).observe(duration)
                 log_access(record, status, duration, quiet=scope["path"] in self.quiet)
 
 
@@ -67,7 +70,7 @@ REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def _new_record(scope: Scope, routes: frozenset[str]) -> RequestRecord:
+def _new_record(scope: Scope, routes: RoutePaths) -> RequestRecord:
     """The caller's X-Request-ID when it is a sane token (it reaches logs and headers), else a new one."""
     given = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), b"")
     text = given.decode("latin-1")

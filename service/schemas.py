@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 
 from service.images import OutputFormat
 
+MODEL_FIELD = "a model this server serves (GET /v1/models); absent: the default model"
 Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
 Compression = Annotated[StrictInt, Field(ge=0, le=100)]
 
@@ -35,6 +36,7 @@ class GenerateRequest(BaseModel):
     )
 
     prompt: StrictStr
+    model: StrictStr | None = Field(default=None, description=MODEL_FIELD)
     n: Annotated[StrictInt, Field(ge=1)] = 1
     size: StrictStr | None = Field(
         default=None, description='"WIDTHxHEIGHT" in pixels; or give width and height'
@@ -74,7 +76,7 @@ class OpenAIImageRequest(BaseModel):
     output_format: OutputFormat | None = None
     output_compression: Compression | None = None
     background: Literal["auto", "opaque"] | None = None
-    model: StrictStr | None = Field(default=None, description="ignored: this server serves one model")
+    model: StrictStr | None = Field(default=None, description=MODEL_FIELD)
     quality: StrictStr | None = Field(default=None, description="ignored")
     style: StrictStr | None = Field(default=None, description="ignored")
     user: StrictStr | None = Field(default=None, description="ignored")
@@ -118,6 +120,7 @@ class GenerateResponse(BaseModel):
 
 class OpenAIImagesResponse(BaseModel):
     created: int
+    model: str = Field(description="extension: the model that made the images")
     data: list[ImageData]
     size: str
     output_format: OutputFormat

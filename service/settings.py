@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 from enum import Enum
 from pathlib import Path
@@ -34,6 +35,8 @@ def _default_encode_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
 FD_RESERVE = 128  # descriptors for all but client connections (model files, CUDA, logs, probe slots)
 _MAX_CONNECTIONS_CAP = 1024  # far more than a replica's queue needs; idle kept-alive connections are cheap
 
@@ -54,6 +57,14 @@ class Settings(BaseSettings):
     # The model and how it runs (forwarded to engine.EngineConfig).
     model_dir: Path | None = Field(
         default=None, description="a diffusers pipeline folder (unset: the embedded default model)"
+    )
+    models: Annotated[dict[str, Path | None], NoDecode] = Field(
+        default_factory=dict,
+        description="several models on one device: NAME=DIR,NAME=DIR (an empty DIR: the embedded default "
+        "model); instead of model_dir",
+    )
+    default_model: str | None = Field(
+        default=None, description="the model a request without `model` gets (default: the first)"
     )
     backend: BackendName = Field(default=BackendName.TORCH, description="what runs the model")
     device: str = Field(default="cpu", description="cpu, cuda, cuda:1, ...")
@@ -171,7 +182,43 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("model_dir", "engine_dir", "max_size", "max_queue_s", "rate_limit_burst", mode="before")
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        models: dict[str, str | None] = {}
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            name, sep, folder = entry.partition("=")
+            if not sep:
+                raise ValueError(f"'{entry}' is not NAME=DIR (e.g. sd15=/models/loopfree-sd1.5)")
+            if name.strip() in models:
+                raise ValueError(f"the model name '{name.strip()}' is given twice")
+            models[name.strip()] = folder.strip() or None
+        return models
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, Path | None]) -> dict[str, Path | None]:
+        for name in value:
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"the model name '{name}' is not 1-64 letters, digits, '.', '_' or '-' (it is a URL "
+                    "path segment and a metric label)"
+                )
+        return value
+
+    @field_validator(
+        "model_dir",
+        "engine_dir",
+        "default_model",
+        "max_size",
+        "max_queue_s",
+        "rate_limit_burst",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -185,6 +232,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.max_size is not None and self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) is larger than max_size ({self.max_size})")
+        if self.models and self.model_dir is not None:
+            raise ValueError("set models (TIUE_MODELS) or model_dir (TIUE_MODEL_DIR), not both")
+        if self.models and self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(
+                f"default_model '{self.default_model}' is not one of the models: {', '.join(self.models)}"
+            )
         if self.queue_size < self.max_n:
             raise ValueError(
                 f"queue_size ({self.queue_size} images) is smaller than max_n ({self.max_n}): "
@@ -207,6 +260,12 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    def model_dirs(self) -> list[tuple[str | None, Path | None]]:
+        """The models to serve, in order: (name, folder); name None is the single model named by itself."""
+        if self.models:
+            return list(self.models.items())
+        return [(None, self.model_dir)]
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from enum import Enum
@@ -14,10 +14,9 @@ from typing import TypeVar
 from service.admission import Admission
 from service.auth import ApiKeys
 from service.batcher import MicroBatcher
-from service.cost import CostModel
-from service.errors import NotReady, ShuttingDown
+from service.errors import ModelNotFound, NotReady, ShuttingDown
 from service.metrics import ServiceMetrics
-from service.protocol import Pipeline, PipelineFactory
+from service.models import Models, ModelSpec, ServedModel
 from service.settings import Settings
 from service.worker import DeviceWorker
 
@@ -46,14 +45,14 @@ class ServiceState:
             capacity_images=settings.queue_size,
             early_close=True,
         )
-        self.cost = CostModel()
-        self.admission = Admission(settings, self.batcher, self.cost)
-        self.worker = DeviceWorker(self.batcher, self.metrics, self.cost)
+        self.models = Models(settings.default_model)
+        self.model_phases: dict[str, Phase] = {}  # each configured model, by name, as it loads (for /readyz)
+        self.admission = Admission(settings, self.batcher)
+        self.worker = DeviceWorker(self.batcher, self.metrics)
         self.metrics.track_queue_depth(lambda: self.batcher.pending_images)
         self.phase = Phase.LOADING
         self.failure: str | None = None
-        self.pipeline: Pipeline | None = None
-        self.ready = asyncio.Event()  # set once the model is loaded and warmed; tests wait on it
+        self.ready = asyncio.Event()  # set once every model is loaded and warmed; tests wait on it
         self._drain_deadline: float | None = None
         self._in_flight = 0  # generation requests being handled
         self._idle = asyncio.Event()  # no generation request is being handled
@@ -61,15 +60,16 @@ class ServiceState:
         self._on_fatal = on_fatal
         self._encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="tiue-encode")
 
-    def require_pipeline(self) -> Pipeline:
-        """The pipeline when taking work; otherwise 503 (loading, failed, or shutting down)."""
-        if self.phase is Phase.READY and self.pipeline is not None:
-            return self.pipeline
+    def require_model(self, name: str | None) -> ServedModel:
+        """The model called `name` (None: the default) when taking work; otherwise 503 (loading, failed,
+        or shutting down), or 404 for a name this server does not serve."""
+        if self.phase is Phase.READY:
+            return self.models.get(name)
         if self.phase is Phase.DRAINING:
             raise ShuttingDown("the server is shutting down and takes no new work")
         if self.phase is Phase.FAILED:
-            raise NotReady("the model failed to load; see the server log")
-        raise NotReady("the model is still loading", retry_after_s=5)
+            raise NotReady("a model failed to load; see the server log")
+        raise NotReady("the models are still loading", retry_after_s=5)
 
     @contextmanager
     def request_scope(self) -> Iterator[None]:
@@ -89,48 +89,70 @@ class ServiceState:
     async def run_encode(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._encode_pool, fn)
 
-    async def load(self, factory: PipelineFactory) -> None:
-        """Load and warm the model on the device thread; the event loop (and /livez) stays responsive."""
+    async def load(self, specs: Sequence[ModelSpec]) -> None:
+        """Load and warm each model in order on the device thread; the event loop (and /livez) stays
+        responsive. One that fails fails the start, named."""
         started = time.perf_counter()
+        self.model_phases.update((spec.name, Phase.LOADING) for spec in specs if spec.name is not None)
+        for spec in specs:
+            try:
+                model = await self._load_one(spec)
+            except Exception as exc:
+                name = spec.name or "the model"
+                if spec.name is not None:
+                    self.model_phases[spec.name] = Phase.FAILED
+                self.phase = Phase.FAILED
+                reason = f"{type(exc).__name__}: {exc}"
+                self.failure = reason if spec.name is None else f"{spec.name}: {reason}"
+                logger.error("%s failed to load", name, exc_info=exc)
+                if self._on_fatal is not None:
+                    self._on_fatal(exc)
+                return
+            if self.phase is Phase.DRAINING:
+                return
+            self.models.add(model)
+            self.model_phases[model.name] = Phase.READY
+            self.metrics.add_model(model.name, model.info)
         try:
-            pipeline = await self.worker.call(factory)
-            info = pipeline.info
-            logger.info(
-                "model %s loaded (%s, %s, %s); warming up",
-                info.name,
-                info.backend,
-                info.precision,
-                info.device,
-            )
-            await self.worker.call(pipeline.warmup)
-            await self.worker.call(lambda: self._calibrate(pipeline))
-        except Exception as exc:
+            self.models.get(None)
+        except ModelNotFound as exc:  # a default_model that names no model (known only once loaded)
             self.phase = Phase.FAILED
-            self.failure = f"{type(exc).__name__}: {exc}"
-            logger.error("the model failed to load", exc_info=exc)
+            self.failure = exc.message
+            logger.error("default_model: %s", exc.message)
             if self._on_fatal is not None:
                 self._on_fatal(exc)
             return
-        if self.phase is Phase.DRAINING:
-            return
-        self.pipeline = pipeline
-        self.metrics.model_info.labels(
-            model=info.name, backend=info.backend, precision=info.precision, device=info.device
-        ).set(1)
-        self.worker.start(pipeline)
+        self.worker.start(self.models)
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         self.ready.set()
-        logger.info("ready in %.1f s", time.perf_counter() - started)
+        logger.info("ready in %.1f s: %s", time.perf_counter() - started, ", ".join(self.models.names))
 
-    def _calibrate(self, pipeline: Pipeline) -> None:
-        """Seed the cost model on the device thread: a second, timed warm-up (one image at the native
+    async def _load_one(self, spec: ModelSpec) -> ServedModel:
+        pipeline = await self.worker.call(spec.factory)
+        info = pipeline.info
+        model = ServedModel(spec.name or info.name, pipeline, int(time.time()))
+        logger.info(
+            "model %s loaded (%s, %s, %s, %s); warming up",
+            model.name,
+            info.name,
+            info.backend,
+            info.precision,
+            info.device,
+        )
+        await self.worker.call(pipeline.warmup)
+        await self.worker.call(lambda: self._calibrate(model))
+        return model
+
+    @staticmethod
+    def _calibrate(model: ServedModel) -> None:
+        """Seed the model's cost on the device thread: a second, timed warm-up (one image at the native
         size) once the first has paid for lazy initialisation. Every batch refines it from then on."""
         started = time.perf_counter()
-        pipeline.warmup()
-        size = pipeline.info.default_size
-        self.cost.observe((size, size), 1, time.perf_counter() - started)
-        logger.info("device seconds per image by size: %s", self.cost.measured())
+        model.pipeline.warmup()
+        size = model.info.default_size
+        model.cost.observe((size, size), 1, time.perf_counter() - started)
+        logger.info("%s: device seconds per image by size: %s", model.name, model.cost.measured())
 
     def begin_drain(self) -> None:
         """SIGTERM: stop being ready and stop admitting work at once; queued work goes on."""
@@ -149,7 +171,7 @@ class ServiceState:
         within the grace; then whatever is left is answered 503 (ShuttingDown) and the device let go."""
         self.begin_drain()
         assert self._drain_deadline is not None
-        if self.pipeline is not None:  # the worker runs once loaded; a load in progress is shutdown()'s
+        if self.ready.is_set():  # the worker runs once loaded; a load in progress is shutdown()'s
             await self.worker.stop(self._drain_deadline - time.monotonic())
         with suppress(asyncio.TimeoutError):  # requests whose images are made may still be encoding them
             await asyncio.wait_for(self._idle.wait(), max(self._drain_deadline - time.monotonic(), 0.0))

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.types import DEVICE_STAGES, BatchResult, GenerationRequest
-from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, WorkItem
-from service.cost import CostModel
+from service.batcher import Batch, BatcherClosed, BatchKey, ItemResult, MicroBatcher, WorkItem
 from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
 from service.metrics import ServiceMetrics
-from service.protocol import Pipeline
+from service.models import Models, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +41,16 @@ def _fields(batch: Batch, items: Sequence[WorkItem], **more: Any) -> dict[str, A
     """`extra=` for a batch's log line: which requests rode in it, as structured fields."""
     images = sum(item.images for item in items)
     ids = [item.request_id for item in items if item.request_id]
+    model = batch.key.model if isinstance(batch.key, BatchKey) else None
     return {
-        "fields": {"batch_id": batch.id, "images": images, "size": _size(batch), "request_ids": ids, **more}
+        "fields": {
+            "batch_id": batch.id,
+            "model": model,
+            "images": images,
+            "size": _size(batch),
+            "request_ids": ids,
+            **more,
+        }
     }
 
 
@@ -79,10 +86,10 @@ class _Run:
 class DeviceWorker:
     """Runs everything that touches the device (load, warmup, generate) on one thread, one call at a time."""
 
-    def __init__(self, batcher: MicroBatcher, metrics: ServiceMetrics, cost: CostModel):
+    def __init__(self, batcher: MicroBatcher, metrics: ServiceMetrics):
         self._batcher = batcher
         self._metrics = metrics
-        self._cost = cost
+        self._models = Models()
         self.busy_since: float | None = None  # monotonic start of the device call in progress
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiue-device")
         self._task: asyncio.Task[None] | None = None
@@ -91,8 +98,10 @@ class DeviceWorker:
         """Run `fn` on the device thread without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def start(self, pipeline: Pipeline) -> None:
-        self._task = asyncio.create_task(self._serve(pipeline), name="tiue-device-worker")
+    def start(self, models: Models) -> None:
+        """Serve batches for `models`, each on the pipeline its key names."""
+        self._models = models
+        self._task = asyncio.create_task(self._serve(), name="tiue-device-worker")
 
     async def stop(self, timeout_s: float) -> None:
         """Finish what is queued within `timeout_s`; after that, fail what is left with 503 and stop.
@@ -121,7 +130,7 @@ class DeviceWorker:
             self._task.cancel()  # _serve fails its running and staged batches
         return failed
 
-    async def _serve(self, pipeline: Pipeline) -> None:
+    async def _serve(self) -> None:
         """One batch runs on the device thread; behind a short one, a full one may wait in the executor's
         queue, so that under load the device goes from batch to batch without a trip through the loop.
         Behind a long batch nothing is staged: the fair queue decides when the device is free, so a
@@ -132,7 +141,7 @@ class DeviceWorker:
             while True:
                 if staged is None:
                     try:
-                        running = self._submit(pipeline, await self._batcher.next_batch())
+                        running = self._submit(await self._batcher.next_batch())
                     except BatcherClosed:
                         return
                 else:
@@ -140,7 +149,7 @@ class DeviceWorker:
                 if running.batch.cost_s <= STAGE_BELOW_S:
                     full = self._batcher.full_batch_nowait()  # only a full batch is formed early
                     if full is not None:
-                        staged = self._submit(pipeline, full)
+                        staged = self._submit(full)
                 await self._finish(running)
                 running = None
         except asyncio.CancelledError:
@@ -152,13 +161,19 @@ class DeviceWorker:
                     )
             raise
 
-    def _submit(self, pipeline: Pipeline, batch: Batch) -> _Run:
+    def _model(self, batch: Batch) -> ServedModel:
+        if not isinstance(batch.key, BatchKey):
+            raise TypeError(f"batch {batch.id} has key {batch.key!r}, not a BatchKey naming its model")
+        return self._models.get(batch.key.model)
+
+    def _submit(self, batch: Batch) -> _Run:
+        model = self._model(batch)
+        pipeline, cost, size = model.pipeline, model.cost, batch.size
         for item in batch.items:
-            self._metrics.queue_wait.observe(batch.formed_at - item.enqueued_at)
-        size = batch.size
+            self._metrics.queue_wait.labels(model=model.name).observe(batch.formed_at - item.enqueued_at)
 
         def seconds_for(images: int) -> float:
-            return self._cost.seconds(size, images)
+            return cost.seconds(size, images)
 
         def run() -> _Done:
             # On the device thread, just before it runs: a staged batch may have waited behind another.
@@ -224,16 +239,18 @@ class DeviceWorker:
     def _deliver(self, batch: Batch, done: _Done) -> None:
         assert done.result is not None
         result, requests = done.result, [r for item in done.live for r in item.requests]
-        self._cost.observe(batch.size, len(requests), done.seconds)
-        self._metrics.images_generated.inc(len(requests))
-        self._metrics.batch_size.observe(len(requests))
+        model = self._model(batch)
+        model.cost.observe(batch.size, len(requests), done.seconds)
+        self._metrics.images_generated.labels(model=model.name).inc(len(requests))
+        self._metrics.batch_size.labels(model=model.name).observe(len(requests))
         for stage, stage_s in result.timings.items():
             if stage in DEVICE_STAGES:
-                self._metrics.stage_duration.labels(stage=stage).observe(stage_s)
+                self._metrics.stage_duration.labels(stage=stage, model=model.name).observe(stage_s)
         logger.info(
-            "batch %d: %d images at %s in %.3f s for requests %s",
+            "batch %d: %d images of %s at %s in %.3f s for requests %s",
             batch.id,
             len(requests),
+            model.name,
             _size(batch),
             done.seconds,
             _request_ids(done.live),

@@ -25,7 +25,12 @@ class Readiness(BaseModel):
     )
     queued_images: int
     queued_seconds: float = Field(description="estimated device seconds of admitted work not yet done")
-    model: str | None = Field(default=None, description="the loaded model's name, once loaded")
+    model: str | None = Field(
+        default=None, description="the default model's name, once every model is loaded"
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict, description="each configured model by name: loading, ready or failed"
+    )
     detail: str | None = Field(default=None, description="why it is not ready")
 
 
@@ -36,7 +41,7 @@ async def livez() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="200 only while the model is loaded, warmed, and new work is accepted",
+    summary="200 only while every model is loaded, warmed, and new work is accepted",
     response_model=None,
     responses={
         200: {"model": Readiness, "description": "Ready: status is `ready`."},
@@ -58,7 +63,8 @@ async def readyz(state: State) -> JSONResponse:
         status=status,  # type: ignore[arg-type]
         queued_images=state.batcher.pending_images,
         queued_seconds=round(state.batcher.queued_seconds, 3),
-        model=state.pipeline.info.name if state.pipeline is not None else None,
+        model=state.models.default if state.ready.is_set() else None,
+        models={name: phase.value for name, phase in state.model_phases.items()},
         detail=detail,
     )
     return JSONResponse(

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from service.auth import bearer_scheme
 from service.deps import CallerDep, State
 from service.errors import NotAcceptable, UnsupportedMediaType
-from service.generation import Job, JobOutput, parse_size, random_seed, run_job
+from service.generation import Job, JobOutput, parse_size, random_seed, resolve_model, run_job
 from service.images import MEDIA_TYPES, ImagePreference, OutputFormat, negotiate
 from service.schemas import (
     ErrorResponse,
@@ -36,7 +36,7 @@ async def require_json(request: Request) -> None:
 router = APIRouter(tags=["images"], dependencies=[Security(bearer_scheme), Depends(require_json)])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 406, 413, 415, 422, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 406, 413, 415, 422, 429, 500, 503, 504)
 }
 _IMAGE_CONTENT = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
 
@@ -78,22 +78,23 @@ def _output_format(body: GenerateRequest, preference: ImagePreference) -> Output
     responses={200: {"model": GenerateResponse, "content": _IMAGE_CONTENT}, **_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, state: State, caller: CallerDep) -> Response:
-    info = state.require_pipeline().info
+    model = resolve_model(state, body.model)
     preference = negotiate(request.headers.get("accept"))
     output_format = _output_format(body, preference)
-    width, height = parse_size(body.size, body.width, body.height, info)
+    width, height = parse_size(body.size, body.width, body.height, model.info)
     seed = random_seed() if body.seed is None else body.seed
-    job = Job(body.prompt, body.n, width, height, seed, output_format, body.output_compression)
+    job = Job(model, body.prompt, body.n, width, height, seed, output_format, body.output_compression)
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
 
     headers = _headers(output)
     if preference.raw:
         image = output.images[0]
         headers["X-Seed"] = str(image.seed)
+        headers["X-Model"] = model.name
         return Response(image.data, media_type=MEDIA_TYPES[output_format], headers=headers)
     response = GenerateResponse(
         created=int(time.time()),
-        model=info.name,
+        model=model.name,
         size=f"{width}x{height}",
         output_format=job.output_format,
         data=_data(output),
@@ -112,14 +113,15 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
 async def openai_generations(
     body: OpenAIImageRequest, request: Request, state: State, caller: CallerDep
 ) -> Response:
-    info = state.require_pipeline().info
-    width, height = parse_size(body.size, None, None, info)
+    model = resolve_model(state, body.model)
+    width, height = parse_size(body.size, None, None, model.info)
     seed = random_seed() if body.seed is None else body.seed
     output_format: OutputFormat = body.output_format or "png"
-    job = Job(body.prompt, body.n or 1, width, height, seed, output_format, body.output_compression)
+    job = Job(model, body.prompt, body.n or 1, width, height, seed, output_format, body.output_compression)
     output = await run_job(state, job, caller, request.receive, b64=True)
     response = OpenAIImagesResponse(
         created=int(time.time()),
+        model=model.name,
         data=_data(output),
         size=f"{width}x{height}",
         output_format=output_format,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 
@@ -54,57 +56,58 @@ def test_batches_refine_the_estimate() -> None:
     assert cost.seconds_per_image(NATIVE) == pytest.approx(0.1, rel=0.01)
 
 
-def admission(cost: CostModel, **overrides: object) -> tuple[Admission, MicroBatcher]:
+def admission(cost: CostModel, **overrides: object) -> tuple[Callable[..., float], MicroBatcher]:
+    """Admission for one model whose cost is `cost`: `admit(client, size, images, deadline, multiple)`."""
     settings = Settings(**{"request_timeout_s": 10.0, "max_request_s": 5.0, **overrides})  # type: ignore[arg-type]
     batcher = MicroBatcher(max_batch_images=4, max_wait_s=FAR, capacity_images=256)
-    return Admission(settings, batcher, cost), batcher
+    return partial(Admission(settings, batcher).admit, cost_model=cost), batcher
 
 
 async def test_a_request_dearer_than_the_limit_is_refused_with_a_way_under_it() -> None:
-    gate, _ = admission(measured(s64x64=0.1, s128x128=0.8))
+    admit, _ = admission(measured(s64x64=0.1, s128x128=0.8))
     with pytest.raises(TooCostly) as refused:
-        gate.admit("a", LARGE, 8, time.monotonic() + 10, size_multiple=16)
+        admit("a", LARGE, 8, time.monotonic() + 10, size_multiple=16)
     message = refused.value.message
     assert refused.value.status_code == 422 and refused.value.reason == "too_costly"
     assert "6.4 s of device time" in message and "allows 5 s per request" in message
     assert "at most 6 images at 128x128" in message and "up to 112x112 for 8 images" in message
-    assert gate.admit("a", NATIVE, 8, time.monotonic() + 10, size_multiple=16) == pytest.approx(0.8)
+    assert admit("a", NATIVE, 8, time.monotonic() + 10, size_multiple=16) == pytest.approx(0.8)
 
 
 async def test_the_queue_is_bounded_in_device_seconds_and_retry_after_follows() -> None:
-    gate, batcher = admission(measured(s64x64=1.0), max_queue_s=4.0, client_share=1.0)
+    admit, batcher = admission(measured(s64x64=1.0), max_queue_s=4.0, client_share=1.0)
     batcher.submit(NATIVE, reqs(3), time.monotonic() + FAR, client="a", cost_s=3.0)
-    gate.admit("b", NATIVE, 1, time.monotonic() + FAR, 16)  # 3 + 1 fits exactly
+    admit("b", NATIVE, 1, time.monotonic() + FAR, 16)  # 3 + 1 fits exactly
     with pytest.raises(QueueFull) as full:
-        gate.admit("b", NATIVE, 3, time.monotonic() + FAR, 16)
+        admit("b", NATIVE, 3, time.monotonic() + FAR, 16)
     assert full.value.headers["Retry-After"] == "2"  # 3 + 3 - 4 s of work must drain first
 
 
 async def test_one_client_may_hold_only_its_share_of_the_queue() -> None:
-    gate, batcher = admission(measured(s64x64=1.0), max_queue_s=8.0, client_share=0.5)
+    admit, batcher = admission(measured(s64x64=1.0), max_queue_s=8.0, client_share=0.5)
     batcher.submit(NATIVE, reqs(4), time.monotonic() + FAR, client="hog", cost_s=4.0)
     with pytest.raises(QueueFull, match="this client already has about 4.0 s"):
-        gate.admit("hog", NATIVE, 1, time.monotonic() + FAR, 16)
-    assert gate.admit("newcomer", NATIVE, 1, time.monotonic() + FAR, 16) == pytest.approx(1.0)
+        admit("hog", NATIVE, 1, time.monotonic() + FAR, 16)
+    assert admit("newcomer", NATIVE, 1, time.monotonic() + FAR, 16) == pytest.approx(1.0)
 
 
 async def test_a_request_the_queue_would_not_reach_in_time_is_refused_at_once() -> None:
-    gate, batcher = admission(measured(s64x64=1.0), max_queue_s=100.0, client_share=1.0)
+    admit, batcher = admission(measured(s64x64=1.0), max_queue_s=100.0, client_share=1.0)
     batcher.submit(NATIVE, reqs(8), time.monotonic() + FAR, client="a", cost_s=8.0)  # two items of 4 s
     with pytest.raises(QueueFull, match="could not finish this request") as late:
-        gate.admit("a", NATIVE, 2, time.monotonic() + 7.0, 16)  # 8 s ahead + 2 s of its own > 7 s
+        admit("a", NATIVE, 2, time.monotonic() + 7.0, 16)  # 8 s ahead + 2 s of its own > 7 s
     assert late.value.headers["Retry-After"] == "4"  # ceil(8 + 2 - 6.99...)
     # Another client is behind only "a"'s first item in the fair queue, so it still fits its deadline.
-    assert gate.admit("b", NATIVE, 2, time.monotonic() + 7.0, 16) == pytest.approx(2.0)
+    assert admit("b", NATIVE, 2, time.monotonic() + 7.0, 16) == pytest.approx(2.0)
 
 
 async def test_the_rate_limit_refuses_with_the_time_until_tokens_return() -> None:
-    gate, _ = admission(measured(s64x64=0.01), rate_limit_per_minute=60, rate_limit_burst=2)
-    gate.admit("a", NATIVE, 2, time.monotonic() + FAR, 16)
+    admit, _ = admission(measured(s64x64=0.01), rate_limit_per_minute=60, rate_limit_burst=2)
+    admit("a", NATIVE, 2, time.monotonic() + FAR, 16)
     with pytest.raises(RateLimited) as limited:
-        gate.admit("a", NATIVE, 1, time.monotonic() + FAR, 16)
+        admit("a", NATIVE, 1, time.monotonic() + FAR, 16)
     assert limited.value.status_code == 429 and limited.value.headers["Retry-After"] == "1"
-    gate.admit("b", NATIVE, 2, time.monotonic() + FAR, 16)  # per client
+    admit("b", NATIVE, 2, time.monotonic() + FAR, 16)  # per client
 
 
 def test_the_rate_limiter_refills_and_caps_at_the_burst() -> None:

@@ -119,6 +119,7 @@ async def test_a_failed_load_is_reported_and_not_ready() -> None:
         "status": "failed",
         "queued_images": 0,
         "queued_seconds": 0.0,
+        "models": {},  # the one model is named by its pipeline, which never loaded
         "detail": "FileNotFoundError: no model_index.json in /models/nowhere",
     }
     assert refused.status_code == 503 and "failed to load" in refused.json()["error"]["message"]

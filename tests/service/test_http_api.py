@@ -151,7 +151,7 @@ async def test_accept_and_output_format_must_agree(engine: FakeEngine) -> None:
 
 async def test_openai_route_speaks_openais_shape(engine: FakeEngine) -> None:
     request = {
-        "model": "dall-e-3",
+        "model": "fake-tiue",
         "prompt": "a red circle",
         "n": 2,
         "size": "64x64",
@@ -165,7 +165,7 @@ async def test_openai_route_speaks_openais_shape(engine: FakeEngine) -> None:
         response = await client.post("/v1/images/generations", json=request)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert isinstance(body["created"], int)
+    assert isinstance(body["created"], int) and body["model"] == "fake-tiue"
     assert len(body["data"]) == 2
     assert all(decode_b64(item["b64_json"]).shape == (64, 64, 3) for item in body["data"])
 
@@ -253,7 +253,12 @@ async def test_bad_input_is_a_422_naming_the_problem(
     if param is not None:
         assert error["param"] == param
     assert engine.batches == []  # nothing bad is ever queued
-    assert 'tiue_requests_rejected_total{reason="invalid"} 1.0' in metrics
+    rejected = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("tiue_requests_rejected_total") and 'reason="invalid"' in line
+    ]
+    assert sum(float(line.split()[-1]) for line in rejected) == 1.0  # model="" when the body named none yet
 
 
 async def test_several_problems_are_reported_together(engine: FakeEngine) -> None:
@@ -356,7 +361,7 @@ async def test_missing_or_bad_key_is_401(engine: FakeEngine, authorization: str 
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     assert needle in error_of(response)["message"]
-    assert 'tiue_requests_rejected_total{reason="unauthorized"} 1.0' in metrics
+    assert 'tiue_requests_rejected_total{model="",reason="unauthorized"} 1.0' in metrics
 
 
 async def test_any_configured_key_works_and_health_stays_open(engine: FakeEngine) -> None:
@@ -396,7 +401,7 @@ async def test_full_queue_is_429_with_retry_after(engine: FakeEngine) -> None:
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert "queue is full" in error_of(refused)["message"]
-    assert 'tiue_requests_rejected_total{reason="queue_full"} 1.0' in metrics
+    assert 'tiue_requests_rejected_total{model="fake-tiue",reason="queue_full"} 1.0' in metrics
 
 
 async def test_request_past_its_deadline_is_504_and_never_computed(engine: FakeEngine) -> None:
@@ -413,7 +418,7 @@ async def test_request_past_its_deadline_is_504_and_never_computed(engine: FakeE
     assert "timed out" in error_of(late)["message"]
     assert after.status_code == 200
     assert [r.seed for batch in engine.batches for r in batch] == [1, 3]
-    assert 'tiue_requests_rejected_total{reason="timeout"}' in metrics
+    assert 'tiue_requests_rejected_total{model="fake-tiue",reason="timeout"}' in metrics
 
 
 async def test_engine_failure_is_500_for_its_batch_and_the_service_keeps_serving(
@@ -496,7 +501,7 @@ async def test_client_that_disconnects_is_dropped_before_its_batch_runs(engine: 
         metrics = (await client.get("/metrics")).text
     assert after.status_code == 200
     assert [r.seed for batch in engine.batches for r in batch] == [1, 3]  # seed 2 never computed
-    assert 'tiue_requests_rejected_total{reason="cancelled"} 1.0' in metrics
+    assert 'tiue_requests_rejected_total{model="fake-tiue",reason="cancelled"} 1.0' in metrics
 
 
 # -- readiness and metrics --------------------------------------------------------------------------
@@ -510,15 +515,15 @@ async def test_metrics_cover_the_request_path(engine: FakeEngine) -> None:
     for line in (
         'tiue_model_info{backend="torch",device="cpu",model="fake-tiue",precision="fp32"} 1.0',
         "tiue_ready 1.0",
-        "tiue_images_generated_total 3.0",
-        "tiue_batch_size_images_sum 3.0",
+        'tiue_images_generated_total{model="fake-tiue"} 3.0',
+        'tiue_batch_size_images_sum{model="fake-tiue"} 3.0',
         "tiue_queue_depth 0.0",
         "tiue_in_flight_requests 0.0",
-        'tiue_request_duration_seconds_count{route="/generate",status="200"} 1.0',
-        'tiue_request_duration_seconds_count{route="/generate",status="422"} 1.0',
-        'tiue_stage_duration_seconds_count{stage="image_encode"} 3.0',
-        'tiue_stage_duration_seconds_count{stage="denoise"} 1.0',
-        "tiue_queue_wait_seconds_count 1.0",
+        'tiue_request_duration_seconds_count{model="fake-tiue",route="/generate",status="200"} 1.0',
+        'tiue_request_duration_seconds_count{model="",route="/generate",status="422"} 1.0',
+        'tiue_stage_duration_seconds_count{model="fake-tiue",stage="image_encode"} 3.0',
+        'tiue_stage_duration_seconds_count{model="fake-tiue",stage="denoise"} 1.0',
+        'tiue_queue_wait_seconds_count{model="fake-tiue"} 1.0',
     ):
         assert line in text, line
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,7 +72,7 @@ async def test_real_model_reports_stage_timings(client: httpx.AsyncClient) -> No
     )
     metrics = (await client.get("/metrics")).text
     for stage in ("text_encode", "denoise", "vae_decode", "image_encode"):
-        assert f'tiue_stage_duration_seconds_count{{stage="{stage}"}}' in metrics
+        assert re.search(rf'tiue_stage_duration_seconds_count{{model="[^"]+",stage="{stage}"}}', metrics)
     assert "tiue_ready 1.0" in metrics and 'tiue_model_info{backend="torch"' in metrics
 
 

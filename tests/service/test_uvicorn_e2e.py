@@ -69,11 +69,13 @@ async def test_eight_concurrent_requests_come_back_right_and_in_batches(engine: 
         assert item["seed"] == 100 + i
         pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
         assert (pixels == pixel_value(100 + i)).all()
-    batches = metric(metrics, "tiue_batch_size_images_count")
-    assert metric(metrics, "tiue_batch_size_images_sum") == 8
-    assert metric(metrics, 'tiue_batch_size_images_bucket{le="1.0"}') < batches  # some batch held more than 1
-    assert metric(metrics, 'tiue_batch_size_images_bucket{le="3.0"}') < batches  # a full batch of 4, in fact
-    assert metric(metrics, "tiue_images_generated_total") == 8
+    batches = metric(metrics, 'tiue_batch_size_images_count{model="fake-tiue"}')
+    assert metric(metrics, 'tiue_batch_size_images_sum{model="fake-tiue"}') == 8
+    held_one = metric(metrics, 'tiue_batch_size_images_bucket{le="1.0",model="fake-tiue"}')
+    held_three = metric(metrics, 'tiue_batch_size_images_bucket{le="3.0",model="fake-tiue"}')
+    assert held_one < batches  # some batch held more than 1
+    assert held_three < batches  # a full batch of 4, in fact
+    assert metric(metrics, 'tiue_images_generated_total{model="fake-tiue"}') == 8
     assert sorted(r.prompt for batch in engine.batches for r in batch) == sorted(
         f"image {i}" for i in range(8)
     )
@@ -90,7 +92,7 @@ async def test_a_client_that_hangs_up_over_tcp_is_dropped(engine: FakeEngine) ->
         async with httpx.AsyncClient(base_url=url, timeout=0.3) as impatient:
             with suppress(httpx.ReadTimeout):  # the client gives up and closes its connection
                 await impatient.post("/generate", json={"prompt": "b", "seed": 2})
-        cancelled = app.state.tiue.metrics.rejected.labels(reason="cancelled")  # type: ignore[attr-defined]
+        cancelled = app.state.tiue.metrics.rejected.labels(reason="cancelled", model="fake-tiue")  # type: ignore[attr-defined]
         await wait_until(lambda: cancelled._value.get() == 1)
         assert app.state.tiue.batcher.pending_images == 0  # type: ignore[attr-defined]
         engine.gate.set()

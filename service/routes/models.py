@@ -1,0 +1,77 @@
+"""`GET /v1/models` and `GET /v1/models/{id}`: OpenAI's models API, plus what a client needs to ask well.
+
+Behind the API key when keys are set, as OpenAI's are (the model names are the server's own business).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Security
+from pydantic import BaseModel, Field
+
+from service.auth import bearer_scheme
+from service.deps import State
+from service.models import ServedModel
+from service.schemas import ErrorResponse
+
+OWNER = "tiue-serve"
+
+
+class ModelObject(BaseModel):
+    """OpenAI's model object (`id`, `object`, `created`, `owned_by`); the rest are this server's."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds: when this server loaded the model")
+    owned_by: str = OWNER
+    default: bool = Field(description="the model a request without `model` gets")
+    native_size: str = Field(description='"WxH": the size of `"size": "auto"`')
+    size_multiple: int = Field(description="width and height must be multiples of this (pixels)")
+    steps: int
+    backend: str
+    precision: str
+    device: str
+    max_prompt_tokens: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+router = APIRouter(tags=["models"], dependencies=[Security(bearer_scheme)])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (401, 503)}
+
+
+def model_object(model: ServedModel, default: str) -> ModelObject:
+    info = model.info
+    return ModelObject(
+        id=model.name,
+        created=model.loaded_at,
+        default=model.name == default,
+        native_size=f"{info.default_size}x{info.default_size}",
+        size_multiple=info.size_multiple,
+        steps=info.steps,
+        backend=info.backend,
+        precision=info.precision,
+        device=info.device,
+        max_prompt_tokens=info.max_prompt_tokens,
+    )
+
+
+@router.get("/v1/models", summary="The models this server serves", responses=_ERRORS)
+async def list_models(state: State) -> ModelList:
+    state.require_model(None)  # 503 until every model is loaded
+    default = state.models.default
+    return ModelList(data=[model_object(model, default) for model in state.models])
+
+
+@router.get(
+    "/v1/models/{model_id}",
+    summary="One model this server serves",
+    responses={**_ERRORS, 404: {"model": ErrorResponse}},
+)
+async def retrieve_model(model_id: str, state: State) -> ModelObject:
+    return model_object(state.require_model(model_id), state.models.default)
