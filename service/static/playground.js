@@ -10,6 +10,7 @@ const FIELD_OF_PARAM = {
 const $ = (id) => document.getElementById(id);
 let models = []; // from /v1/models; empty when the server lists none (one default model)
 let busy = false;
+let modelsNeedKey = false; // /v1/models answered 401: ask again once a key works
 
 function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
@@ -129,7 +130,8 @@ async function loadModels() {
     models = Array.isArray(body.data) ? body.data.filter((m) => m && m.id) : [];
   } else {
     models = [];
-    if (response && response.status === 401) {
+    modelsNeedKey = Boolean(response && response.status === 401);
+    if (modelsNeedKey) {
       askForKey();
       showError((await errorSentence(response)).message, null);
     }
@@ -191,8 +193,8 @@ function figure(item, index, count, format) {
   const link = document.createElement("a");
   link.href = url;
   link.download = `tiue-${item.seed}.${extension}`;
-  link.textContent = `Download ${extension.toUpperCase()}`;
-  link.setAttribute("aria-label", `Download image ${index + 1} (seed ${item.seed})`);
+  link.textContent = "Download";
+  link.setAttribute("aria-label", `Download image ${index + 1} (seed ${item.seed}) as ${extension.toUpperCase()}`);
   const caption = document.createElement("figcaption");
   caption.append(seed, link);
   const frame = document.createElement("figure");
@@ -220,7 +222,7 @@ function showResult(body) {
     return pair;
   });
   $("timings").replaceChildren(...stages);
-  $("results-title").textContent = `${count} ${count === 1 ? "image" : "images"}, ${body.size}, ${body.model}`;
+  $("results-title").textContent = `${count} ${count === 1 ? "image" : "images"} · ${body.size} · ${body.model}`;
   $("results").hidden = false;
 }
 
@@ -248,9 +250,9 @@ async function generate() {
     }
     const body = await response.json();
     showResult(body);
+    if (modelsNeedKey) loadModels();
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
-    const count = body.data.length;
-    $("status").textContent = `${count} ${count === 1 ? "image" : "images"} in ${seconds} s.`;
+    $("status").textContent = `Done in ${seconds} s.`;
   } catch (error) {
     $("status").textContent = "";
     showError(`Could not reach the server (${error.message}). Is it running?`, null);

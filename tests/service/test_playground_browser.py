@@ -1,0 +1,274 @@
+"""The playground in a real browser: headless Chromium (Debian's `chromium` and `chromium-driver`)
+driven by selenium against a real uvicorn with the fake engine, under the page's own CSP.
+
+A missing browser fails these tests rather than skipping them, so CI cannot pass without running them.
+The browser is driven from a worker thread: the event loop goes on serving its requests meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fakes import FakeEngine, pixel_value, wait_until
+from PIL import Image
+from test_uvicorn_e2e import uvicorn_serving
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+except ImportError:  # the fixture fails, saying what to install
+    webdriver = None
+
+pytestmark = pytest.mark.slow  # a browser start each: a few seconds
+
+APT = "apt-get update && apt-get install -y chromium chromium-driver"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# Without these Chromium waits on the network at start on a closed machine, or refuses to run as root.
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+)
+PROMPT = "a red circle on a blue background"
+SEED, SIZE = 7, (96, 80)  # not the fake's native 64x64, and not square: a swapped width shows
+BAD_SIZE = "100x100"  # not a multiple of the fake model's 16 px
+PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+KEY = "playground-key"
+# The screenshot goes to the test's tmp_path, and here too when set (for CI to keep as an artefact).
+SCREENSHOT_ENV = "TIUE_PLAYGROUND_SCREENSHOT"
+WAIT_S = 30  # a busy CI machine; every wait is for a condition, none is a sleep
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not found: install them with `{APT}` (the README's test command does)"
+        )
+    if webdriver is None:
+        pytest.fail("selenium is not installed: pip install -e '.[dev]'")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        driver.set_script_timeout(WAIT_S)
+        yield driver
+    finally:
+        driver.quit()
+
+
+# The decoded pixels of the first image on the page, through a canvas. A WebDriver script is not bound
+# by the page's CSP, but this reads nothing the page itself could not.
+READ_PIXELS = """
+const img = document.querySelector('#grid img');
+const canvas = document.createElement('canvas');
+canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+const context = canvas.getContext('2d');
+context.drawImage(img, 0, 0);
+return [img.naturalWidth, img.naturalHeight, Array.from(context.getImageData(0, 0, img.naturalWidth, img.naturalHeight).data)];
+"""
+IMAGE_SHOWN = "const i = document.querySelector('#grid img'); return !!i && i.complete && i.naturalWidth > 0;"
+UNLABELLED = """
+return Array.from(document.querySelectorAll('input, select, textarea'))
+  .filter((el) => el.labels.length === 0 && !el.closest('[hidden]')).map((el) => el.id);
+"""
+
+
+def open_page(driver: Any, url: str) -> Any:
+    driver.get(f"{url}/")
+    wait = WebDriverWait(driver, WAIT_S)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))  # the script ran
+    return wait
+
+
+def error_shown(driver: Any, wait: Any) -> str:
+    text: str = wait.until(ec.visibility_of_element_located((By.ID, "error"))).text
+    return text
+
+
+def ctrl_enter(driver: Any) -> None:
+    ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+
+
+@dataclass
+class Seen:
+    """What the browser showed, read back out of it."""
+
+    tab_order: list[str]
+    unlabelled: list[str]
+    error: str
+    natural_size: tuple[int, int]
+    pixels: np.ndarray  # the page's image as the browser decoded it, RGB
+    caption: str
+    download: str
+    timings: list[str]
+    console: list[str]
+    phone_overflow: int
+    screenshot: bytes
+
+
+def generate_on_the_page(driver: Any, url: str) -> Seen:
+    wait = open_page(driver, url)
+    unlabelled = driver.execute_script(UNLABELLED)
+
+    # Keyboard only: Tab from the top of the page through the form, type, Ctrl+Enter.
+    tab_order: list[str] = []
+    while len(tab_order) < 12 and "generate" not in tab_order:
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        tab_order.append(driver.switch_to.active_element.get_attribute("id"))
+    driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+    size = driver.find_element(By.ID, "size")
+    size.send_keys(BAD_SIZE)
+    ctrl_enter(driver)
+    error = error_shown(driver, wait)
+
+    # A good size, a fixed seed, PNG, and the button.
+    size.clear()
+    size.send_keys(f"{SIZE[0]}x{SIZE[1]}")
+    driver.find_element(By.ID, "seed-random").click()
+    driver.find_element(By.ID, "seed").send_keys(str(SEED))
+    Select(driver.find_element(By.ID, "format")).select_by_value("png")
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.execute_script(IMAGE_SHOWN))
+    assert not driver.find_element(By.ID, "error").is_displayed()
+    width, height, rgba = driver.execute_script(READ_PIXELS)
+    screenshot = driver.get_screenshot_as_png()
+    ActionChains(driver).send_keys(Keys.TAB).perform()  # from the button just clicked, on to the results
+    tab_order.append(driver.switch_to.active_element.get_attribute("download"))
+
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
+    overflow = "return document.documentElement.scrollWidth - document.documentElement.clientWidth;"
+    return Seen(
+        tab_order=tab_order,
+        unlabelled=unlabelled,
+        error=error,
+        natural_size=(width, height),
+        pixels=np.array(rgba, np.uint8).reshape(height, width, 4)[..., :3],
+        caption=driver.find_element(By.CSS_SELECTOR, "#grid figcaption").text,
+        download=driver.find_element(By.CSS_SELECTOR, "#grid a[download]").get_attribute("download"),
+        timings=[term.text for term in driver.find_elements(By.CSS_SELECTOR, "#timings dt")],
+        console=[entry["message"] for entry in driver.get_log("browser")],
+        phone_overflow=driver.execute_script(overflow),
+        screenshot=screenshot,
+    )
+
+
+async def test_the_playground_generates_in_a_real_browser(
+    engine: FakeEngine, browser: Any, tmp_path: Path
+) -> None:
+    width, height = SIZE
+    async with (
+        uvicorn_serving(engine) as (url, _),
+        httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client,
+    ):
+        seen = await asyncio.to_thread(generate_on_the_page, browser, url)
+        same = {"prompt": PROMPT, "seed": SEED, "size": f"{width}x{height}", "output_format": "png"}
+        direct = await client.post("/generate", json=same)
+        bad = await client.post("/generate", json={"prompt": PROMPT, "size": BAD_SIZE})
+    (tmp_path / "playground.png").write_bytes(seen.screenshot)
+    if target := os.environ.get(SCREENSHOT_ENV):
+        Path(target).write_bytes(seen.screenshot)
+
+    assert not [line for line in seen.console if "Content Security Policy" in line], seen.console
+    assert seen.unlabelled == []
+    assert seen.tab_order == [
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "seed-random",
+        "format",
+        "generate",
+        f"tiue-{SEED}.png",
+    ]
+
+    assert bad.status_code == 422
+    assert bad.json()["error"]["message"].lower() in seen.error.lower(), seen.error
+
+    assert seen.natural_size == SIZE
+    (item,) = direct.json()["data"]
+    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"))
+    assert seen.pixels.shape == expected.shape == (height, width, 3)
+    assert (seen.pixels == expected).all()
+    assert (seen.pixels == pixel_value(SEED)).all()
+    assert f"seed {SEED}" in seen.caption and seen.download == f"tiue-{SEED}.png"
+    assert {"denoise", "total"} <= set(seen.timings), seen.timings
+
+    assert seen.phone_overflow <= 0, f"{seen.phone_overflow} px of horizontal scroll at phone width"
+
+
+def ask_without_then_with_a_key(driver: Any, url: str) -> tuple[str, str | None, bool]:
+    wait = open_page(driver, url)
+    driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+    ctrl_enter(driver)
+    refused = error_shown(driver, wait)
+    key = wait.until(ec.visibility_of_element_located((By.ID, "api-key")))
+    key.send_keys(KEY)
+    ctrl_enter(driver)
+    wait.until(lambda d: d.execute_script(IMAGE_SHOWN))
+    stored = driver.execute_script("return sessionStorage.getItem('tiue-serve.api-key');")
+    open_page(driver, url)  # a reload: the key is still there, the field shown
+    kept = driver.find_element(By.ID, "api-key")
+    wait.until(
+        lambda d: d.find_element(By.ID, "model-note").text.startswith("fake-tiue")
+    )  # read with the key
+    return refused, stored, kept.is_displayed() and kept.get_attribute("value") == KEY
+
+
+def refused_when_the_queue_is_full(driver: Any) -> str:
+    driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+    driver.find_element(By.ID, "generate").click()
+    return error_shown(driver, WebDriverWait(driver, WAIT_S))
+
+
+async def test_the_playground_asks_for_a_key_and_shows_the_retry_delay(
+    engine: FakeEngine, browser: Any
+) -> None:
+    async with (
+        uvicorn_serving(engine, api_keys=[KEY], max_n=1, queue_size=1) as (url, app),
+        httpx.AsyncClient(base_url=url, timeout=WAIT_S, headers={"Authorization": f"Bearer {KEY}"}) as client,
+    ):
+        refused, stored, kept = await asyncio.to_thread(ask_without_then_with_a_key, browser, url)
+
+        engine.gate.clear()  # one request on the device, one queued: the queue is full
+        on_device = len(engine.batches) + 1
+        held = [asyncio.create_task(client.post("/generate", json={"prompt": PROMPT}))]
+        await wait_until(lambda: len(engine.batches) == on_device)
+        held.append(asyncio.create_task(client.post("/generate", json={"prompt": PROMPT})))
+        await wait_until(lambda: app.state.tiue.batcher.pending_images == 1)  # type: ignore[attr-defined]
+        busy = await asyncio.to_thread(refused_when_the_queue_is_full, browser)
+        full = await client.post("/generate", json={"prompt": PROMPT})
+        engine.gate.set()
+        answers = await asyncio.gather(*held)
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+
+    assert "API key is required" in refused and "Enter an API key" in refused, refused
+    assert stored == KEY and kept
+    assert full.status_code == 429
+    assert f"Try again in {full.headers['retry-after']} s." in busy, busy
