@@ -3,8 +3,11 @@ What the page does in a browser: test_playground_browser.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fakes import FakeEngine, serve
+from test_playground_browser import APT
 
 from service.routes.playground import CONTENT_SECURITY_POLICY
 
@@ -51,6 +54,13 @@ async def test_switched_off_the_playground_is_404(engine: FakeEngine) -> None:
     for answer in answers:
         assert answer.status_code == 404
         assert answer.json()["error"]["code"] == "not_found"
+
+
+def test_the_readme_test_command_is_what_ci_runs_and_installs_the_browser() -> None:
+    root = Path(__file__).resolve().parents[2]
+    ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in (root / "README.md").read_text().splitlines()
+    assert ci.startswith(f"{APT} && "), ci
 
 
 def test_the_setting_reads_tiue_playground(monkeypatch: pytest.MonkeyPatch) -> None:
