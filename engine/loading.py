@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -41,6 +44,31 @@ class Components:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     chain: DDIMChain
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+# Modules loaded from byte-identical component folders, by (content hash, dtype, device): several
+# pipelines in one process (a server with several models) hold one copy. Weak, so a pipeline that is
+# dropped takes its modules with it.
+_SHARED: weakref.WeakValueDictionary[tuple[str, str, str], torch.nn.Module] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_module(folder: Path, dtype: torch.dtype, device: str | torch.device, load: Callable[[], M]) -> M:
+    """`load()`'s module, or the one already loaded from a folder with the same bytes, dtype and device
+    (a VAE or text encoder two models share). Shared modules are inference-only: never changed in place."""
+    from engine.export.cache import folder_content_hash  # that module imports this one
+
+    key = (folder_content_hash(folder), str(dtype), str(torch.device(device)))
+    with _SHARED_LOCK:
+        module = _SHARED.get(key)
+        if module is None:
+            module = load()
+            _SHARED[key] = module
+        else:
+            log.info("%s is byte-identical to a component already loaded: sharing its module", folder)
+    return cast(M, module)
 
 
 def cache_root() -> Path:
@@ -88,8 +116,18 @@ def load_components(
         chain = DDIMChain.from_scheduler_config(scheduler_config, steps)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
         check_unet_supported(unet)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
+        vae = shared_module(
+            path / "vae",
+            dtype,
+            device,
+            lambda: AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, **kw),
+        )
+        text_encoder = shared_module(
+            path / "text_encoder",
+            dtype,
+            device,
+            lambda: CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw),
+        )
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     except ModelLoadError:
         raise

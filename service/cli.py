@@ -92,6 +92,25 @@ def _serve_fields() -> list[str]:
     return [name for name in Settings.model_fields if name not in _NOT_FLAGS]
 
 
+class _ModelFlag(argparse.Action):
+    """`tiue serve --model DIR` (one model, as TIUE_MODEL_DIR) or `--model NAME=DIR`, repeated (as TIUE_MODELS)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, _: Any = None
+    ) -> None:
+        name, sep, folder = str(value).partition("=")
+        models: dict[str, Path | None] = dict(getattr(namespace, "models", None) or {})
+        if not sep:
+            if models or namespace.model_dir is not None:
+                parser.error("--model: give one DIR, or NAME=DIR for each of several models")
+            namespace.model_dir = Path(value)
+            return
+        if namespace.model_dir is not None or name in models:
+            parser.error(f"--model {value}: give one DIR, or NAME=DIR once for each of several models")
+        models[name] = Path(folder) if folder else None
+        namespace.models = models
+
+
 def _size(text: str) -> tuple[int, int]:
     from engine.cli import parse_size
 
@@ -136,8 +155,17 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "127.0.0.1:8000. Every setting is also read from its TIUE_* variable (docs/api.md, Settings); "
         "API keys only from TIUE_API_KEYS.",
     )
-    add_setting_flags(p, _serve_fields())
-    p.set_defaults(handler=_run_serve)
+    add_setting_flags(p, [name for name in _serve_fields() if name not in ("model_dir", "models")])
+    p.add_argument(
+        "--model",
+        dest="model_dir",
+        action=_ModelFlag,
+        default=None,
+        metavar="DIR|NAME=DIR",
+        help="a diffusers pipeline folder (TIUE_MODEL_DIR); or NAME=DIR, repeated, for several models on one "
+        "device (TIUE_MODELS; an empty DIR: the embedded default model)",
+    )
+    p.set_defaults(handler=_run_serve, models=None)
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:

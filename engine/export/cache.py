@@ -330,3 +330,13 @@ def find_or_build(
     entry = build()
     log.info("built %s in %.1fs", entry.path, time.perf_counter() - started)
     return entry
+
+
+def folder_content_hash(folder: Path) -> str:
+    """sha256 over the relative path and content hash of each file in one folder (a component such
+    as `vae/`): equal for byte-identical copies wherever they live."""
+    folder = Path(folder)
+    total = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        total.update(f"{path.relative_to(folder).as_posix()}\0{_file_sha256(path)}\n".encode())
+    return total.hexdigest()

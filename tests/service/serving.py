@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fakes import FakeEngine, make_settings, wait_until
 from fastapi import FastAPI
 
@@ -51,6 +52,24 @@ async def tiue_server(engine: FakeEngine, **settings: Any) -> AsyncIterator[Serv
         yield Served(f"http://127.0.0.1:{port}", port, app, server, task)
     finally:
         engine.gate.set()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+@asynccontextmanager
+async def uvicorn_app(app: FastAPI) -> AsyncIterator[str]:
+    """A plain uvicorn serving `app` on a free port of 127.0.0.1, ready; yields its URL, stops on exit."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await wait_until(lambda: server.started or task.done(), timeout=10)
+        await asyncio.wait_for(app.state.tiue.ready.wait(), 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
         sock.close()

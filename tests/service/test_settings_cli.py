@@ -60,6 +60,11 @@ def test_empty_model_dir_means_the_embedded_model(monkeypatch: pytest.MonkeyPatc
         ({"TIUE_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
         ({"TIUE_BACKEND": "trt"}, "backend"),
         ({"TIUE_PRECISION": "int8"}, "precision"),
+        ({"TIUE_MODELS": "sd15"}, "is not NAME=DIR"),
+        ({"TIUE_MODELS": "a=/x,a=/y"}, "given twice"),
+        ({"TIUE_MODELS": "a b=/x"}, "is not 1-64 letters"),
+        ({"TIUE_MODELS": "a=/x", "TIUE_MODEL_DIR": "/y"}, "not both"),
+        ({"TIUE_MODELS": "a=/x", "TIUE_DEFAULT_MODEL": "b"}, "is not one of the models: a"),
     ],
 )
 def test_inconsistent_settings_fail_at_startup(

@@ -6,15 +6,14 @@ import asyncio
 import base64
 import io
 import re
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import httpx
 import numpy as np
-import uvicorn
 from fakes import FakeEngine, make_settings, pixel_value, wait_until
 from PIL import Image
+from serving import uvicorn_app
 
 from service.app import create_app
 
@@ -22,20 +21,11 @@ from service.app import create_app
 @asynccontextmanager
 async def uvicorn_serving(engine: FakeEngine, **settings: object) -> AsyncIterator[tuple[str, object]]:
     app = create_app(make_settings(**settings), pipeline_factory=lambda: engine)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await wait_until(lambda: server.started or task.done(), timeout=10)
-        await asyncio.wait_for(app.state.tiue.ready.wait(), 10)
-        yield f"http://127.0.0.1:{port}", app
+        async with uvicorn_app(app) as url:
+            yield url, app
     finally:
         engine.gate.set()
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-        sock.close()
 
 
 def metric(text: str, name: str) -> float:
