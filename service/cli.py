@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import uvicorn
     from pydantic import ValidationError
 
+    from engine.config import EngineConfig
     from service.settings import Settings
 
 # Settings every command that loads a model reads.
@@ -79,6 +80,8 @@ def settings_from(args: argparse.Namespace, fields: Iterable[str]) -> Settings:
     from service.settings import Settings
 
     overrides = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    if overrides.get("model_dir") is not None:
+        overrides.setdefault("models", {})  # a flag naming one model replaces TIUE_MODELS
     return Settings(**overrides)
 
 
@@ -293,7 +296,16 @@ def _run_build_engines(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     _tool_logging()
-    return build_engines(settings.engine_config(), args.batch, args.sizes)
+    return for_each_model(settings, lambda config: build_engines(config, args.batch, args.sizes))
+
+
+def for_each_model(settings: Settings, run: Callable[[EngineConfig], int]) -> int:
+    """Run a tool once per configured model (TIUE_MODELS, else the one model), in order; the worst exit
+    code, so that an engine-build Job fails if any model's build does."""
+    from dataclasses import replace
+
+    config = settings.engine_config()
+    return max(run(replace(config, model_dir=folder)) for _name, folder in settings.model_dirs())
 
 
 def _tool_logging() -> None:

@@ -100,8 +100,10 @@ def test_gpu_engine_profile_matches_batch_size() -> None:
     command = svc["tiue-build-engines"]["command"]
     batch = command[command.index("--batch") + 1]
     assert int(batch.split(":")[-1]) == int(svc["tiue-gpu"]["environment"]["TIUE_MAX_BATCH_SIZE"])
-    model = resolved(command[command.index("--model") + 1])
-    assert model == resolved(svc["tiue-gpu"]["environment"]["TIUE_MODEL_DIR"])
+    assert "--model" not in command, "the build reads TIUE_MODELS: every model the service serves"
+    models = resolved(svc["tiue-build-engines"]["environment"]["TIUE_MODELS"])
+    assert models == resolved(svc["tiue-gpu"]["environment"]["TIUE_MODELS"])
+    assert len(models.split(",")) == 2, "the example serves two models from one volume"
 
 
 def test_bind_mounts_exist() -> None:

@@ -31,7 +31,23 @@ CONTRACT = {
     "tiue_model_info": "gauge",
     "tiue_ready": "gauge",
 }
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$instance": ".*", "$route": ".*"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$instance": ".*",
+    "$route": ".*",
+    "$model": ".*",
+}
+# The metrics with a `model` label (several models on one device): the dashboard's model selector filters them.
+MODEL_LABELLED = (
+    "tiue_request_duration_seconds",
+    "tiue_queue_wait_seconds",
+    "tiue_batch_size_images",
+    "tiue_stage_duration_seconds",
+    "tiue_images_generated_total",
+    "tiue_requests_rejected_total",
+    "tiue_model_info",
+)
 
 
 def contract_series() -> set[str]:
@@ -148,7 +164,7 @@ def test_dashboard_is_well_formed() -> None:
     ids = [panel["id"] for panel in panels(dash)]
     assert len(ids) == len(set(ids)), "panel ids are unique"
     variables = {v["name"] for v in dash["templating"]["list"]}
-    assert {"datasource", "instance", "route"} <= variables
+    assert {"datasource", "instance", "route", "model"} <= variables
     occupied: set[tuple[int, int]] = set()
     for panel in panels(dash):
         pos = panel["gridPos"]
@@ -173,3 +189,15 @@ def test_grafana_provisioning_matches_compose() -> None:
     assert default["current"]["value"] == source["uid"]
     home = compose["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{mounts['./deploy/grafana/dashboards']}/{DASHBOARD.name}"
+
+
+def test_the_model_selector_filters_every_model_labelled_metric() -> None:
+    """Each selector of a metric with a `model` label carries `model=~"$model"`; the others cannot."""
+    unfiltered = []
+    for title, expr in expressions(dashboard()):
+        for match in re.finditer(r"(tiue_\w+)\{([^}]*)\}", expr):
+            name, selector = match.group(1), match.group(2)
+            labelled = any(name.startswith(metric) for metric in MODEL_LABELLED)
+            if labelled != ('model=~"$model"' in selector):
+                unfiltered.append(f"{title}: {match.group(0)}")
+    assert not unfiltered, unfiltered

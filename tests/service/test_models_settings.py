@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, serve_settings
+from engine.config import EngineConfig
+from service.cli import build_parser, main, serve_settings
 from service.settings import Settings
 
 
@@ -45,3 +46,23 @@ def test_serve_refuses_one_dir_mixed_with_named_models(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["serve", "--model", "a=/x", "--model", "/y"])
     assert exited.value.code == 2 and "NAME=DIR" in capsys.readouterr().err
+
+
+def test_build_engines_builds_every_configured_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.export.cli
+
+    built: list[Path | None] = []
+
+    def build(config: EngineConfig, batch: object, sizes: object) -> int:
+        built.append(config.model_dir)
+        return 1 if config.model_dir == Path("/m/broken") else 0
+
+    monkeypatch.setattr(engine.export.cli, "build_engines", build)
+    monkeypatch.setenv("TIUE_MODELS", "sd21=/m/b,sd15=/m/a")
+    assert main(["build-engines", "--backend", "onnxruntime"]) == 0
+    assert built == [Path("/m/b"), Path("/m/a")]
+    monkeypatch.setenv("TIUE_MODELS", "sd21=/m/broken,sd15=/m/a")
+    assert main(["build-engines", "--backend", "onnxruntime"]) == 1  # the Job fails if any build does
+    built.clear()
+    assert main(["build-engines", "--backend", "onnxruntime", "--model", "/m/one"]) == 0  # the flag wins
+    assert built == [Path("/m/one")]
