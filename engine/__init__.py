@@ -1,7 +1,15 @@
 """TiUE engine: loading, the one-pass denoiser, backends and the image pipeline. Knows nothing of HTTP."""
 
 from engine.config import EngineConfig
-from engine.types import BackendName, BatchResult, GeneratedImage, GenerationRequest, ModelInfo, Precision
+from engine.types import (
+    BackendName,
+    BatchResult,
+    Decoder,
+    GeneratedImage,
+    GenerationRequest,
+    ModelInfo,
+    Precision,
+)
 
 
 def load_pipeline(config: EngineConfig):  # type: ignore[no-untyped-def]
@@ -14,6 +22,7 @@ def load_pipeline(config: EngineConfig):  # type: ignore[no-untyped-def]
 __all__ = [
     "BackendName",
     "BatchResult",
+    "Decoder",
     "EngineConfig",
     "GeneratedImage",
     "GenerationRequest",

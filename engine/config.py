@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.types import BackendName, Precision
+from engine.types import BackendName, Decoder, Precision
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class EngineConfig:
     torch_compile: bool = False
     max_batch_size: int = 8  # images per denoiser call; compiled profiles are sized from it
     threads: int = 0  # CPU intra-op threads for torch and onnxruntime; 0 keeps the library default
+    decoder: Decoder = Decoder.FULL  # the decoder of requests that name none
+    tiny_decoder_dir: Path | None = None  # an AutoencoderTiny folder; None: <model>/vae_tiny when present
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from engine.config import EngineConfig
 from engine.denoiser import check_unet_supported
 from engine.errors import ModelLoadError
 from engine.schedule import DDIMChain
+from engine.types import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ COMPONENTS = {
     "tokenizer": None,
     "scheduler": "scheduler_config.json",
 }
+TINY_DECODER = "vae_tiny"  # an optional AutoencoderTiny beside the VAE in a pipeline folder
 SHIPPED_DEFAULT = Path(__file__).parent / "default_model"
 
 
@@ -44,6 +47,8 @@ class Components:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     chain: DDIMChain
+    vae_tiny: AutoencoderTiny | None = None
+    vae_tiny_path: Path | None = None
 
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -100,9 +105,65 @@ def check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} is missing pipeline components: {', '.join(missing)}")
 
 
+def vae_scale(vae: AutoencoderKL) -> int:
+    """Image pixels per latent pixel: one 2x upsampling between consecutive decoder blocks."""
+    return int(2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def tiny_decoder_scale(tiny: AutoencoderTiny) -> int:
+    cfg = tiny.config
+    return int(cfg.upsampling_scaling_factor ** (len(cfg.decoder_block_out_channels) - 1))
+
+
+def tiny_decoder_folder(model_path: Path, tiny_decoder_dir: Path | None, required: bool) -> Path | None:
+    """The AutoencoderTiny folder to load: the one named, else `<model>/vae_tiny` when present.
+    A named folder must exist; so must one when the tiny decoder is the server's default."""
+    folder = Path(tiny_decoder_dir) if tiny_decoder_dir is not None else model_path / TINY_DECODER
+    if (folder / "config.json").is_file():
+        return folder
+    if tiny_decoder_dir is not None or required:
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise ModelLoadError(
+            f"tiny decoder folder {folder} {what}: point --tiny-decoder-dir (TIUE_TINY_DECODER_DIR) at a "
+            "diffusers AutoencoderTiny folder, or serve --decoder full"
+        )
+    return None
+
+
+def load_tiny_decoder(folder: Path, vae: AutoencoderKL, dtype: torch.dtype) -> AutoencoderTiny:
+    """An AutoencoderTiny that decodes this VAE's latents: same latent channels, same spatial scale."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("_class_name") != "AutoencoderTiny":
+            raise ModelLoadError(
+                f"tiny decoder folder {folder} holds a {config.get('_class_name')}, not an AutoencoderTiny"
+            )
+        tiny = AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot load the tiny decoder in {folder}: {exc}") from exc
+    problems = []
+    if int(tiny.config.latent_channels) != int(vae.config.latent_channels):
+        problems.append(
+            f"latent channels {tiny.config.latent_channels}, the VAE's are {vae.config.latent_channels}"
+        )
+    if tiny_decoder_scale(tiny) != vae_scale(vae):
+        problems.append(f"spatial scale {tiny_decoder_scale(tiny)}x, the VAE's is {vae_scale(vae)}x")
+    if problems:
+        raise ModelLoadError(f"tiny decoder {folder} does not match the model: {'; '.join(problems)}")
+    return tiny
+
+
 def load_components(
-    model_dir: Path | None, dtype: torch.dtype, device: str | torch.device, steps: int
+    model_dir: Path | None,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    steps: int,
+    tiny_decoder_dir: Path | None = None,
+    require_tiny_decoder: bool = False,
 ) -> Components:
+    """The pipeline folder's parts, and its tiny decoder where one is present (see tiny_decoder_folder)."""
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     if model_dir is None and not (path / "model_index.json").is_file():
         raise ModelLoadError(
@@ -138,7 +199,24 @@ def load_components(
             f"unet cross_attention_dim {unet.config.cross_attention_dim} does not match the text encoder's "
             f"hidden size {text_encoder.config.hidden_size}"
         )
-    for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)
+    tiny_path = tiny_decoder_folder(path, tiny_decoder_dir, require_tiny_decoder)
+    tiny = load_tiny_decoder(tiny_path, vae, dtype) if tiny_path is not None else None
+    for module in (unet, vae, text_encoder, tiny):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
     name = "default" if path == SHIPPED_DEFAULT else path.name
-    return Components(name, path, unet, vae, text_encoder, tokenizer, scheduler_config, chain)
+    return Components(
+        name, path, unet, vae, text_encoder, tokenizer, scheduler_config, chain, tiny, tiny_path
+    )
+
+
+def load_configured(config: EngineConfig) -> Components:
+    """The components `config` names, its tiny decoder required when it is the server's default."""
+    return load_components(
+        config.model_dir,
+        config.precision.torch_dtype,
+        config.device,
+        config.steps,
+        tiny_decoder_dir=config.tiny_decoder_dir,
+        require_tiny_decoder=config.decoder is Decoder.TINY,
+    )

@@ -9,16 +9,24 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 
 from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, UnsupportedSizeError
+from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSizeError
 from engine.export.profiles import ModelDims
-from engine.loading import Components, load_components
-from engine.types import DEVICE_STAGES, BatchResult, GeneratedImage, GenerationRequest, ModelInfo
+from engine.loading import Components, load_configured
+from engine.types import (
+    DEVICE_STAGES,
+    BatchResult,
+    Decoder,
+    GeneratedImage,
+    GenerationRequest,
+    ModelInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +41,10 @@ class TiUEPipeline:
         self.dims = ModelDims.from_components(components)
         self.vae_scale = self.dims.vae_scale
         self.latent_channels = self.dims.latent_channels
-        vae_cfg = components.vae.config
-        self.scaling_factor = float(vae_cfg.scaling_factor)
-        self.shift_factor = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
+        self.latent_scaling = latent_scaling(components)
+        decoders = tuple(self.latent_scaling)
+        if config.decoder not in decoders:
+            raise ModelLoadError(f"decoder {config.decoder.value} is not loaded; loaded: {_names(decoders)}")
         self.info = ModelInfo(
             name=components.name,
             backend=backend.name,
@@ -45,6 +54,8 @@ class TiUEPipeline:
             max_prompt_tokens=self.dims.seq_len,
             size_multiple=self.dims.size_multiple,
             default_size=self.dims.default_size,
+            decoders=decoders,
+            default_decoder=config.decoder,
         )
 
     # -- validation -----------------------------------------------------------------------------
@@ -53,6 +64,11 @@ class TiUEPipeline:
         """Raise InvalidRequestError with a message a person can act on; never touches the device."""
         if not request.prompt.strip():
             raise InvalidRequestError("prompt must not be empty")
+        if request.decoder is not None and request.decoder not in self.info.decoders:
+            raise InvalidRequestError(
+                f"decoder {request.decoder.value} is not available for model {self.info.name}; "
+                f"choose one of: {_names(self.info.decoders)}"
+            )
         if not 0 <= request.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed must be in [0, {MAX_SEED}], got {request.seed}")
         m = self.info.size_multiple
@@ -80,6 +96,8 @@ class TiUEPipeline:
             return BatchResult(images=[])
         if len({r.shape_key for r in requests}) != 1:
             raise InvalidRequestError("all requests in one batch must have the same width and height")
+        if len({self.decoder_of(r) for r in requests}) != 1:
+            raise InvalidRequestError("all requests in one batch must use the same decoder")
         if len(requests) > self.config.max_batch_size:
             raise InvalidRequestError(
                 f"a batch holds at most {self.config.max_batch_size} images (max_batch_size); got {len(requests)}"
@@ -96,11 +114,16 @@ class TiUEPipeline:
             z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
             z_0 = self.backend.denoise(z_t.to(self.backend.device, self.backend.dtype), states)
         with self._timed(vae_decode, timings):
-            images = self.backend.decode(z_0 / self.scaling_factor + self.shift_factor)
+            decoder = self.decoder_of(requests[0])
+            scale, shift = self.latent_scaling[decoder]
+            images = self.backend.decode(z_0 / scale + shift, decoder)
             pixels = to_uint8(images)
         return BatchResult(
             [GeneratedImage(p, r.seed) for p, r in zip(pixels, requests, strict=True)], timings
         )
+
+    def decoder_of(self, request: GenerationRequest) -> Decoder:
+        return request.decoder or self.info.default_decoder
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.components.tokenizer
@@ -148,6 +171,29 @@ class TiUEPipeline:
         timings[stage] = time.perf_counter() - start
 
 
+def latent_scaling(components: Components) -> dict[Decoder, tuple[float, float]]:
+    """(scaling_factor, shift_factor) per loaded decoder: it decodes `z_0 / scaling + shift`.
+
+    This is what diffusers does when an `AutoencoderTiny` replaces the VAE: a pipeline decodes
+    `latents / vae.config.scaling_factor` (SD3/Flux add `vae.config.shift_factor`) with whichever
+    autoencoder is its `vae`, so the tiny decoder's own config counts — TAESD's scaling_factor is 1.0,
+    so it reads the denoiser's scaled latents as they are — and `AutoencoderTiny.decode` returns
+    [-1, 1], like the VAE.
+    """
+    out = {Decoder.FULL: _factors(components.vae.config)}
+    if components.vae_tiny is not None:
+        out[Decoder.TINY] = _factors(components.vae_tiny.config)
+    return out
+
+
+def _factors(config: Any) -> tuple[float, float]:
+    return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+
+
+def _names(decoders: Sequence[Decoder]) -> str:
+    return ", ".join(d.value for d in decoders)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor rounds."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)
@@ -161,7 +207,7 @@ def load_pipeline(
     started = time.perf_counter()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    components = load_components(config.model_dir, config.precision.torch_dtype, config.device, config.steps)
+    components = load_configured(config)
     backend = backend_factory(components, config)
     pipeline = TiUEPipeline(components, backend, config)
     log.info(

@@ -29,21 +29,29 @@ class BackendName(str, Enum):
     TENSORRT = "tensorrt"
 
 
+class Decoder(str, Enum):
+    """Which decoder turns latents into pixels: the model's VAE, or a TAESD-layout `AutoencoderTiny`."""
+
+    FULL = "full"
+    TINY = "tiny"
+
+
 DEVICE_STAGES = ("text_encode", "denoise", "vae_decode")  # what BatchResult.timings reports, in order
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One image to make. The image depends only on (model, prompt, seed, width, height)."""
+    """One image to make. The image depends only on (model, prompt, seed, width, height, decoder)."""
 
     prompt: str
     seed: int
     width: int
     height: int
+    decoder: Decoder | None = None  # None: the pipeline's default (EngineConfig.decoder)
 
     @property
     def shape_key(self) -> tuple[int, int]:
-        """Requests with equal keys may share a batch."""
+        """The image size; requests of one batch share it (and their decoder)."""
         return (self.width, self.height)
 
 
@@ -71,3 +79,5 @@ class ModelInfo:
     max_prompt_tokens: int  # text encoder window, including BOS/EOS
     size_multiple: int  # width and height must be multiples of this (pixels)
     default_size: int  # pixels, the UNet's native sample size times the VAE factor
+    decoders: tuple[Decoder, ...] = (Decoder.FULL,)  # the decoders loaded
+    default_decoder: Decoder = Decoder.FULL  # what a request that names none gets

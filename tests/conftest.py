@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.tiny_model import build_tiny_pipeline
+from tests.support.tiny_model import add_tiny_decoder, build_tiny_pipeline
 
 # One intra-op thread: the tiny models gain nothing from more, and OpenMP threads that spin-wait
 # collapse (seconds per image instead of milliseconds) when a server subprocess shares the cores.
@@ -31,3 +31,12 @@ def tiny_model_dir_any(request: pytest.FixtureRequest, tmp_path_factory: pytest.
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny SD1.5-shaped pipeline folder (for tests that need one model, not both shapes)."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd15-main"), "sd15", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD1.5-shaped pipeline folder with a `vae_tiny/` AutoencoderTiny (scaling factor 0.75, so
+    a wrong latent scaling shows)."""
+    model = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd15-vae-tiny"), "sd15", seed=0)
+    add_tiny_decoder(model, scaling_factor=0.75)
+    return model

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from engine.types import Decoder
+
 
 class Backend(Protocol):
     """Runs the three compute stages. Inputs and outputs are torch tensors on `device`.
@@ -29,6 +31,7 @@ class Backend(Protocol):
         """[B, C, h, w] initial noise and prompt states -> [B, C, h, w] final latents z_0."""
         ...
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] VAE-scale latents (already divided by the scaling factor) -> [B, 3, H, W] in [-1, 1]."""
+    def decode(self, latents: torch.Tensor, decoder: Decoder = Decoder.FULL) -> torch.Tensor:
+        """[B, C, h, w] latents already scaled for `decoder` (pipeline.latent_scaling) -> [B, 3, H, W]
+        in [-1, 1], by the model's VAE or its tiny decoder (an AutoencoderTiny)."""
         ...

@@ -1,6 +1,6 @@
 """ONNX Runtime on the CPU execution provider, or the CUDA provider when the device is a GPU.
 
-Runs the three graphs of engine.export (from the artefact cache; exported at load only when the
+Runs the graphs of engine.export (from the artefact cache; exported at load only when the
 config allows building). On the CPU, tensors cross as numpy arrays without copies; on a GPU they stay
 on the device through an IO binding over torch's own buffers.
 """
@@ -16,10 +16,12 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
+from engine.export.artefacts import artefact_files
 from engine.export.cache import Entry
-from engine.export.contracts import CONTRACTS, DENOISER, TEXT_ENCODER, VAE_DECODER
+from engine.export.contracts import DECODER_CONTRACTS, DENOISER, TEXT_ENCODER
 from engine.export.profiles import ModelDims, outside_profiles
 from engine.loading import Components
+from engine.types import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,11 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3  # constant-folding notes about fp16 on the CPU are noise
-        self.sessions = {
-            name: ort.InferenceSession(str(entry.file(name)), options, providers=providers)
-            for name in CONTRACTS
-        }
+        self.contracts = {}
+        self.sessions = {}
+        for name, (contract, path) in artefact_files(entry, components).items():
+            self.contracts[name] = contract
+            self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         for name, session in self.sessions.items():
             if wanted not in session.get_providers():
@@ -122,10 +125,10 @@ class OnnxRuntimeBackend:
         return self._run(DENOISER, {"z_t": z_t.to(self.dtype), "states": states.to(self.dtype)}, dims)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, decoder: Decoder = Decoder.FULL) -> torch.Tensor:
         dims = (latents.shape[0], latents.shape[2], latents.shape[3])
         self._check(*dims)
-        return self._run(VAE_DECODER, {"latents": latents.to(self.dtype)}, dims)
+        return self._run(DECODER_CONTRACTS[decoder], {"latents": latents.to(self.dtype)}, dims)
 
     def _run(self, name: str, inputs: dict[str, torch.Tensor], dims: tuple[int, int, int]) -> torch.Tensor:
         """One graph on (batch, latent height, latent width) inputs."""
@@ -139,7 +142,7 @@ class OnnxRuntimeBackend:
         self, name: str, inputs: dict[str, torch.Tensor], dims: tuple[int, int, int]
     ) -> torch.Tensor:
         """Run on the GPU over torch-owned buffers: no host round trip for inputs or outputs."""
-        contract = CONTRACTS[name]
+        contract = self.contracts[name]
         inputs = {k: v.to(self.device).contiguous() for k, v in inputs.items()}
         (out_spec,) = contract.outputs
         out_shape = contract.shapes(self.dims, *dims)[out_spec.name]

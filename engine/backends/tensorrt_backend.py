@@ -18,12 +18,14 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
+from engine.export.artefacts import artefact_files
 from engine.export.cache import Entry
-from engine.export.contracts import CONTRACTS, DENOISER, TEXT_ENCODER, VAE_DECODER, ComponentContract
+from engine.export.contracts import DECODER_CONTRACTS, DENOISER, TEXT_ENCODER, ComponentContract
 from engine.export.onnx_export import EXPORT_PRECISIONS
 from engine.export.profiles import ModelDims, outside_profiles
 from engine.export.tensorrt_build import gpu_identity, import_tensorrt, make_logger
 from engine.loading import Components
+from engine.types import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +223,8 @@ class TensorRTBackend:
         runtime = trt.Runtime(make_logger(trt))
         self.stream = torch.cuda.Stream(self.device)
         self.runners = {
-            name: _EngineRunner(
-                trt, runtime, entry.file(name).read_bytes(), contract, self.device, self.stream
-            )
-            for name, contract in CONTRACTS.items()
+            name: _EngineRunner(trt, runtime, path.read_bytes(), contract, self.device, self.stream)
+            for name, (contract, path) in artefact_files(entry, components).items()
         }
         log.info(
             "%s %s on %s (%s) from %s in %.1fs",
@@ -250,5 +250,5 @@ class TensorRTBackend:
         )
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.runners[VAE_DECODER]({"latents": latents.to(self.device, self.dtype)})
+    def decode(self, latents: torch.Tensor, decoder: Decoder = Decoder.FULL) -> torch.Tensor:
+        return self.runners[DECODER_CONTRACTS[decoder]]({"latents": latents.to(self.device, self.dtype)})

@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
 
 from engine.config import EngineConfig
 from engine.denoiser import TiUEDenoiser
 from engine.export.cache import Entry
 from engine.loading import Components
+from engine.types import Decoder
 
 log = logging.getLogger(__name__)
 
 
 class _Decoder(nn.Module):
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL | AutoencoderTiny):
         super().__init__()
         self.vae = vae
 
@@ -48,14 +49,19 @@ class TorchBackend:
         self.denoiser: nn.Module = TiUEDenoiser(
             components.unet, components.chain, components.scheduler_config
         ).to(self.device)
-        self.decoder: nn.Module = _Decoder(components.vae)
+        autoencoders = {Decoder.FULL: components.vae, Decoder.TINY: components.vae_tiny}
+        self.decoders: dict[Decoder, nn.Module] = {
+            d: _Decoder(vae) for d, vae in autoencoders.items() if vae is not None
+        }
         if self.device.type == "cuda":
             components.unet.to(memory_format=torch.channels_last)
-            components.vae.to(memory_format=torch.channels_last)
+            for vae in autoencoders.values():
+                if vae is not None:
+                    vae.to(memory_format=torch.channels_last)
         if config.torch_compile:
-            log.info("compiling the denoiser and VAE decoder with torch.compile")
+            log.info("compiling the denoiser and the decoders with torch.compile")
             self.denoiser = torch.compile(self.denoiser, dynamic=True)  # type: ignore[assignment]
-            self.decoder = torch.compile(self.decoder, dynamic=True)  # type: ignore[assignment]
+            self.decoders = {d: torch.compile(m, dynamic=True) for d, m in self.decoders.items()}  # type: ignore[misc]
 
     def unsupported(self, batch: int, latent_height: int, latent_width: int) -> str | None:
         return None
@@ -69,5 +75,5 @@ class TorchBackend:
         return self.denoiser(z_t.to(self.device, self.dtype), states.to(self.dtype))
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents.to(self.device, self.dtype))
+    def decode(self, latents: torch.Tensor, decoder: Decoder = Decoder.FULL) -> torch.Tensor:
+        return self.decoders[decoder](latents.to(self.device, self.dtype))

@@ -3,8 +3,12 @@ config says so, or refused with every mismatch named. Backends receive the resul
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.config import EngineConfig
+from engine.errors import BackendUnavailableError
 from engine.export.cache import Entry
+from engine.export.contracts import ComponentContract, contracts_for
 from engine.loading import Components
 from engine.types import BackendName
 
@@ -21,3 +25,15 @@ def backend_artefacts(components: Components, config: EngineConfig) -> Entry | N
 
     trt, gpu = tensorrt_target(config.device)
     return ensure_tensorrt(components, config, trt, gpu)
+
+
+def artefact_files(entry: Entry, components: Components) -> dict[str, tuple[ComponentContract, Path]]:
+    """Each graph this model runs (the tiny decoder's too, when it has one) and its file in `entry`."""
+    contracts = contracts_for(components)
+    missing = [name for name in contracts if name not in entry.files]
+    if missing:
+        raise BackendUnavailableError(
+            f"the compiled artefacts in {entry.path} hold no {', '.join(missing)}; export them again "
+            "(`tiue export`, or --build-engines) for this model"
+        )
+    return {name: (c, entry.file(name)) for name, c in contracts.items()}

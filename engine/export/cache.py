@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.errors import BackendUnavailableError
 from engine.export.profiles import Profile
-from engine.loading import COMPONENTS, cache_root
+from engine.loading import COMPONENTS, TINY_DECODER, Components, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,23 @@ def _model_files(model_dir: Path) -> list[Path]:
     """The files that shape the graphs: model_index.json and the component folders the engine loads
     (a safety checker or README beside them does not change an engine)."""
     files = [model_dir / "model_index.json"]
-    for name in COMPONENTS:
+    for name in (*COMPONENTS, TINY_DECODER):
         folder = model_dir / name
         if folder.is_dir():
             files += [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
     return sorted(f for f in files if f.is_file())
 
 
-def model_content_hash(model_dir: Path, memo_path: Path | None = None) -> str:
-    """sha256 over the relative path and content hash of each model file.
+def components_hash(components: Components, memo_path: Path | None = None) -> str:
+    """The content hash of what was loaded: the model folder, and a tiny decoder from elsewhere."""
+    return model_content_hash(components.path, memo_path, components.vae_tiny_path)
+
+
+def model_content_hash(
+    model_dir: Path, memo_path: Path | None = None, tiny_decoder_dir: Path | None = None
+) -> str:
+    """sha256 over the relative path and content hash of each model file (and of the files of a
+    tiny decoder folder outside the model's, when one is named).
 
     Per-file hashes are remembered by (size, mtime) in `memo_path` (default: in the cache root) so a
     multi-GB checkpoint is read once; the memo is best-effort and never required.
@@ -66,7 +74,12 @@ def model_content_hash(model_dir: Path, memo_path: Path | None = None) -> str:
     except (OSError, ValueError):
         memo = {}
     total, changed = hashlib.sha256(), False
-    for path in _model_files(model_dir):
+    named = [(path, path.relative_to(model_dir).as_posix()) for path in _model_files(model_dir)]
+    if tiny_decoder_dir is not None and not Path(tiny_decoder_dir).resolve().is_relative_to(model_dir):
+        tiny = Path(tiny_decoder_dir).resolve()
+        files = sorted(p for p in tiny.rglob("*") if p.is_file() and not p.name.startswith("."))
+        named += [(p, f"<tiny decoder>/{p.relative_to(tiny).as_posix()}") for p in files]
+    for path, label in named:
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns]
         remembered = memo.get(str(path))
@@ -75,7 +88,7 @@ def model_content_hash(model_dir: Path, memo_path: Path | None = None) -> str:
         else:
             file_hash = _file_sha256(path)
             memo[str(path)], changed = [*stamp, file_hash], True
-        total.update(f"{path.relative_to(model_dir).as_posix()}\0{file_hash}\n".encode())
+        total.update(f"{label}\0{file_hash}\n".encode())
     if changed:
         with contextlib.suppress(OSError):
             write_atomic(memo_path, json.dumps(memo, indent=0).encode())

@@ -29,9 +29,9 @@ def parse_batch(text: str) -> Range:
 
 
 def _load(config: EngineConfig) -> Components:
-    from engine.loading import load_components
+    from engine.loading import load_configured
 
-    return load_components(config.model_dir, config.precision.torch_dtype, config.device, config.steps)
+    return load_configured(config)
 
 
 def _report(entry: Entry, verb: str) -> None:

@@ -11,15 +11,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
 
 from engine.denoiser import TiUEDenoiser
 from engine.export.profiles import ModelDims, Profile
 from engine.loading import Components
-from engine.types import Precision
+from engine.types import Decoder, Precision
 
 TEXT_ENCODER, DENOISER, VAE_DECODER = "text_encoder", "denoiser", "vae_decoder"
+VAE_DECODER_TINY = "vae_decoder_tiny"  # exported only for a model with a tiny decoder
+DECODER_CONTRACTS = {Decoder.FULL: VAE_DECODER, Decoder.TINY: VAE_DECODER_TINY}
 DYNAMIC_DIMS = frozenset({"batch", "height", "width", "image_height", "image_width"})
 
 Shape = tuple[int, ...]
@@ -54,7 +56,7 @@ class _TextEncoderGraph(nn.Module):
 
 
 class _VaeDecoderGraph(nn.Module):
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL | AutoencoderTiny):
         super().__init__()
         self.vae = vae
 
@@ -79,6 +81,12 @@ def _denoiser(components: Components, precision: Precision) -> nn.Module:
 
 def _vae_decoder(components: Components, precision: Precision) -> nn.Module:
     return _VaeDecoderGraph(_in_dtype(components.vae, precision.torch_dtype))
+
+
+def _vae_decoder_tiny(components: Components, precision: Precision) -> nn.Module:
+    if components.vae_tiny is None:
+        raise ValueError(f"model {components.path} has no tiny decoder to export")
+    return _VaeDecoderGraph(_in_dtype(components.vae_tiny, precision.torch_dtype))
 
 
 @dataclass(frozen=True)
@@ -174,4 +182,20 @@ CONTRACTS: dict[str, ComponentContract] = {
         sized=True,
         build_module=_vae_decoder,
     ),
+    VAE_DECODER_TINY: ComponentContract(
+        VAE_DECODER_TINY,
+        inputs=(TensorSpec("latents", ("batch", "channels", "height", "width"), "compute"),),
+        outputs=(TensorSpec("images", ("batch", "rgb", "image_height", "image_width"), "compute"),),
+        sized=True,
+        build_module=_vae_decoder_tiny,
+    ),
 }
+
+
+def contracts_for(components: Components) -> dict[str, ComponentContract]:
+    """The components this model exports: all but the tiny decoder when it has none."""
+    return {
+        name: c
+        for name, c in CONTRACTS.items()
+        if name != VAE_DECODER_TINY or components.vae_tiny is not None
+    }

@@ -25,11 +25,11 @@ from engine.export.cache import (
     ArtefactStore,
     Entry,
     batch_acceptor,
+    components_hash,
     engine_store,
     find_or_build,
-    model_content_hash,
 )
-from engine.export.contracts import CONTRACTS, ComponentContract
+from engine.export.contracts import ComponentContract, contracts_for
 from engine.export.profiles import ModelDims, Profile, default_profiles
 from engine.loading import Components
 from engine.types import Precision
@@ -132,9 +132,9 @@ def _consolidate_external_data(path: Path) -> None:
 def export_all(
     components: Components, precision: Precision, profiles: tuple[Profile, ...], out_dir: Path
 ) -> Iterator[tuple[str, Path]]:
-    """(artefact name, path) for every file of the three graphs: 'denoiser', 'denoiser.data', ..."""
+    """(artefact name, path) for every file of the model's graphs: 'denoiser', 'denoiser.data', ..."""
     check_precision(precision)
-    for contract in CONTRACTS.values():
+    for contract in contracts_for(components).values():
         for path in export_component(contract, components, precision, profiles, out_dir):
             yield (contract.name if path.suffix == ".onnx" else f"{contract.name}.data"), path
 
@@ -157,9 +157,7 @@ def export_onnx_entry(
     dims = ModelDims.from_components(components)
     for p in profiles:
         dims.check(p)
-    key = onnx_key(
-        model_hash or model_content_hash(components.path), components.chain.steps, precision, profiles
-    )
+    key = onnx_key(model_hash or components_hash(components), components.chain.steps, precision, profiles)
     existing = store.exact(key)
     if existing is not None:
         return existing
@@ -185,7 +183,7 @@ def ensure_onnx(
             f"compiled backends run in fp32 or fp16, not {config.precision.value}; pass --precision fp16 or fp32"
         )
     store = engine_store(config.engine_dir)
-    model_hash = model_hash or model_content_hash(components.path)
+    model_hash = model_hash or components_hash(components)
     profiles = profiles or default_profiles(ModelDims.from_components(components), config.max_batch_size)
     want = onnx_key(model_hash, components.chain.steps, config.precision, profiles)
 

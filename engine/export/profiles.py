@@ -94,12 +94,14 @@ class ModelDims:
 
     @classmethod
     def from_components(cls, components: Components) -> ModelDims:
+        from engine.loading import vae_scale  # deferred: the CLI parses ranges without importing torch
+
         unet = components.unet.config
         return cls(
             seq_len=int(components.tokenizer.model_max_length),
             hidden=int(components.text_encoder.config.hidden_size),
             latent_channels=int(unet.in_channels),
-            vae_scale=2 ** (len(components.vae.config.block_out_channels) - 1),
+            vae_scale=vae_scale(components.vae),
             latent_multiple=2 ** (len(unet.block_out_channels) - 1),
             default_latent=int(unet.sample_size),
         )

@@ -26,12 +26,12 @@ from engine.export.cache import (
     ArtefactStore,
     Entry,
     batch_acceptor,
+    components_hash,
     engine_store,
     find_or_build,
-    model_content_hash,
     write_atomic,
 )
-from engine.export.contracts import CONTRACTS, ComponentContract
+from engine.export.contracts import ComponentContract, contracts_for
 from engine.export.onnx_export import ensure_onnx, onnx_key
 from engine.export.profiles import ModelDims, Profile, default_profiles
 from engine.loading import Components
@@ -205,7 +205,7 @@ def build_tensorrt_entry(
 
     def write(tmp: Path) -> Iterator[tuple[str, Path]]:
         cache = timing_path.read_bytes() if timing_path.is_file() else None
-        for contract in CONTRACTS.values():
+        for contract in contracts_for(components).values():
             plan, cache = build_engine(
                 trt, onnx_entry.file(contract.name), contract, dims, profiles, precision, cache
             )
@@ -250,7 +250,7 @@ def ensure_tensorrt(
     max_batch_size): cached, built now if `config.build_engines`, or an error naming what the cached
     ones were built for."""
     store = engine_store(config.engine_dir)
-    model_hash = model_content_hash(components.path)
+    model_hash = components_hash(components)
     want, profiles = tensorrt_want(components, config, trt, gpu[0] if gpu else None, model_hash, profiles)
 
     def build() -> Entry:

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -166,6 +172,36 @@ def tiny_vae(
         norm_num_groups=groups,
         sample_size=image_size,
     )
+
+
+def tiny_autoencoder(
+    upsamplings: int = 3, latent_channels: int = 4, channels: int = 8, scaling_factor: float = 1.0
+) -> AutoencoderTiny:
+    """A TAESD-layout AutoencoderTiny decoding by 2**upsamplings (random init, seeded by the caller)."""
+    blocks = upsamplings + 1
+    return AutoencoderTiny(
+        latent_channels=latent_channels,
+        encoder_block_out_channels=(channels,) * blocks,
+        num_encoder_blocks=(1,) * blocks,
+        decoder_block_out_channels=(channels,) * blocks,
+        num_decoder_blocks=(1,) * blocks,
+        scaling_factor=scaling_factor,
+    )
+
+
+def add_tiny_decoder(model_dir: Path, folder: Path | None = None, seed: int = 1, **kw: float) -> Path:
+    """Save an AutoencoderTiny into `<model_dir>/vae_tiny` (or `folder`) matching the model's VAE
+    unless `kw` (tiny_autoencoder's arguments) says otherwise; return the folder."""
+    vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    args = {
+        "upsamplings": len(vae["block_out_channels"]) - 1,
+        "latent_channels": vae["latent_channels"],
+        **kw,
+    }
+    torch.manual_seed(seed)
+    folder = folder or Path(model_dir) / "vae_tiny"
+    tiny_autoencoder(**args).save_pretrained(str(folder), safe_serialization=True)  # type: ignore[arg-type]
+    return folder
 
 
 def build_tiny_pipeline(out_dir: Path, shape: str = "sd15", seed: int = 0, size: PipelineSize = TINY) -> Path:
