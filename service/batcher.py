@@ -30,7 +30,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 
-from engine.types import GeneratedImage, GenerationRequest
+from engine.types import Decoder, GeneratedImage, GenerationRequest
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
 
 PEAK_WINDOW_S = 5.0  # how long the batcher remembers that N requests were in flight at once
@@ -38,12 +38,14 @@ PEAK_WINDOW_S = 5.0  # how long the batcher remembers that N requests were in fl
 
 @dataclass(frozen=True)
 class BatchKey:
-    """What requests must share to ride in one batch: the model that makes them and their size.
-    The batcher itself treats keys as opaque; a new field here is a new way for batches to differ."""
+    """What requests must share to ride in one batch: the model that makes them, their size and the
+    decoder that turns their latents into pixels. The batcher itself treats keys as opaque; a new field
+    here is a new way for batches to differ."""
 
     model: str
     width: int
     height: int
+    decoder: Decoder = Decoder.FULL
 
 
 @dataclass

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 # Settings every command that loads a model reads.
+DECODER_FIELDS = ("decoder", "tiny_decoder_dir")  # export and build-engines take them too
 ENGINE_FIELDS = (
     "model_dir",
     "backend",
@@ -36,6 +37,7 @@ ENGINE_FIELDS = (
     "torch_compile",
     "threads",
     "max_batch_size",
+    *DECODER_FIELDS,
 )
 _FLAG_NAMES = {"model_dir": "model"}  # a field whose flag is not its own name
 _NOT_FLAGS = frozenset({"api_keys"})  # secrets stay out of the command line (and `ps`): TIUE_API_KEYS only
@@ -198,7 +200,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="engine folder to write the entry into")
     _add_profile_options(p)
-    add_setting_flags(p, ("model_dir", "device", "precision", "steps", "max_batch_size"))
+    add_setting_flags(p, ("model_dir", "device", "precision", "steps", "max_batch_size", *DECODER_FIELDS))
     p.set_defaults(handler=_run_export)
 
 
@@ -212,7 +214,17 @@ def _add_build_engines(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_profile_options(p)
     add_setting_flags(
-        p, ("model_dir", "backend", "device", "precision", "steps", "engine_dir", "max_batch_size")
+        p,
+        (
+            "model_dir",
+            "backend",
+            "device",
+            "precision",
+            "steps",
+            "engine_dir",
+            "max_batch_size",
+            *DECODER_FIELDS,
+        ),
     )
     p.set_defaults(handler=_run_build_engines)
 
@@ -281,7 +293,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from engine.export.cli import export_graphs
 
-    settings = _settings_or_exit(args, ("model_dir", "device", "precision", "steps", "max_batch_size"))
+    fields = ("model_dir", "device", "precision", "steps", "max_batch_size", *DECODER_FIELDS)
+    settings = _settings_or_exit(args, fields)
     if settings is None:
         return 2
     _tool_logging()
@@ -291,7 +304,16 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_build_engines(args: argparse.Namespace) -> int:
     from engine.export.cli import build_engines
 
-    fields = ("model_dir", "backend", "device", "precision", "steps", "engine_dir", "max_batch_size")
+    fields = (
+        "model_dir",
+        "backend",
+        "device",
+        "precision",
+        "steps",
+        "engine_dir",
+        "max_batch_size",
+        *DECODER_FIELDS,
+    )
     settings = _settings_or_exit(args, fields)
     if settings is None:
         return 2

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Message
 
-from engine.types import DEVICE_STAGES, GenerationRequest, ModelInfo
+from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo
 from service.batcher import BatchKey, ItemResult
 from service.caller import Caller
 from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
@@ -41,6 +41,7 @@ class Job:
     seed: int
     output_format: OutputFormat
     quality: int | None = None
+    decoder: Decoder | None = None  # None: the model's default (TIUE_DECODER)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class JobOutput:
     images: list[EncodedImage]
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    decoder: Decoder = Decoder.FULL
 
     def server_timing(self) -> str:
         """The `Server-Timing` header: the same timings in milliseconds, readable in browser dev tools."""
@@ -114,6 +116,23 @@ def resolve_model(state: ServiceState, name: str | None) -> ServedModel:
     return model
 
 
+def resolve_decoder(info: ModelInfo, decoder: Decoder | None) -> Decoder:
+    """The decoder a request gets (None: the model's default); 422 naming the choices when it has not that one."""
+    chosen = decoder or info.default_decoder
+    if chosen not in info.decoders:
+        raise InvalidInput(
+            f"decoder '{chosen.value}' is not available for model {info.name}; choose one of: "
+            + ", ".join(d.value for d in info.decoders),
+            param="decoder",
+        )
+    return chosen
+
+
+def openai_decoder(info: ModelInfo, quality: str | None) -> Decoder | None:
+    """OpenAI's `quality`: "low" is the tiny decoder where the model has one; anything else, the default."""
+    return Decoder.TINY if quality == "low" and Decoder.TINY in info.decoders else None
+
+
 def random_seed() -> int:
     return secrets.randbelow(_SEED_SPACE)
 
@@ -127,8 +146,9 @@ async def run_job(
     model = job.model
     pipeline, info = model.pipeline, model.info
     check_limits(state.settings, info, job.prompt, job.n, job.width, job.height)
+    decoder = resolve_decoder(info, job.decoder)
     requests = [
-        GenerationRequest(job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height)
+        GenerationRequest(job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height, decoder)
         for i in range(job.n)
     ]
     for request in requests:
@@ -142,8 +162,8 @@ async def run_job(
         caller.client, size, job.n, deadline, info.size_multiple, cost_model=model.cost
     )
     seeds = [request.seed for request in requests]
-    annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds)
-    key = BatchKey(model.name, job.width, job.height)
+    annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
+    key = BatchKey(model.name, job.width, job.height, decoder)
     process = state.batcher.process(
         key, requests, deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
     )
@@ -166,7 +186,7 @@ async def run_job(
 
     images = [EncodedImage(data, image.seed) for (data, _s), image in zip(encoded, pixels, strict=True)]
     timings = _timings(results, encode_s, time.perf_counter() - started)
-    return JobOutput(images, timings, warnings)
+    return JobOutput(images, timings, warnings, decoder)
 
 
 def _encoder(pixels: Any, job: Job, b64: bool) -> Callable[[], tuple[bytes, float]]:

@@ -7,9 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
+from engine.types import Decoder
 from service.images import OutputFormat
 
 MODEL_FIELD = "a model this server serves (GET /v1/models); absent: the default model"
+DECODER_FIELD = (
+    "full: the model's VAE; tiny: its AutoencoderTiny, faster and a little softer (when the model has one, "
+    "GET /v1/models lists its decoders); absent: the server's TIUE_DECODER"
+)
 Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
 Compression = Annotated[StrictInt, Field(ge=0, le=100)]
 
@@ -50,6 +55,7 @@ class GenerateRequest(BaseModel):
     output_compression: Compression | None = Field(
         default=None, description="jpeg/webp quality, 0-100 (default 90)"
     )
+    decoder: Decoder | None = Field(default=None, description=DECODER_FIELD)
 
     _prompt = field_validator("prompt")(_non_empty_prompt)
 
@@ -77,7 +83,9 @@ class OpenAIImageRequest(BaseModel):
     output_compression: Compression | None = None
     background: Literal["auto", "opaque"] | None = None
     model: StrictStr | None = Field(default=None, description=MODEL_FIELD)
-    quality: StrictStr | None = Field(default=None, description="ignored")
+    quality: StrictStr | None = Field(
+        default=None, description='"low": the tiny decoder when the model has one; other values: ignored'
+    )
     style: StrictStr | None = Field(default=None, description="ignored")
     user: StrictStr | None = Field(default=None, description="ignored")
     seed: Seed | None = Field(default=None, description="extension: image i gets seed + i (mod 2**32)")
@@ -111,6 +119,7 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     created: int
     model: str
+    decoder: Decoder = Field(description="the decoder that made the images (also the X-Decoder header)")
     size: str
     output_format: OutputFormat
     data: list[ImageData]
@@ -121,6 +130,7 @@ class GenerateResponse(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     model: str = Field(description="extension: the model that made the images")
+    decoder: Decoder = Field(description="extension: the decoder that made them (also X-Decoder)")
     data: list[ImageData]
     size: str
     output_format: OutputFormat

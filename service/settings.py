@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig, available_cpus
-from engine.types import BackendName, Precision
+from engine.types import BackendName, Decoder, Precision
 from service.logs import LogFormat
 
 
@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     )
     torch_compile: bool = Field(
         default=False, description="torch backend: torch.compile the denoiser and decoder"
+    )
+    decoder: Decoder = Field(
+        default=Decoder.FULL,
+        description="the decoder of requests that name none: full (the model's VAE) or tiny (its "
+        "AutoencoderTiny; the server fails to start without one)",
+    )
+    tiny_decoder_dir: Path | None = Field(
+        default=None,
+        description="a diffusers AutoencoderTiny folder to use as the tiny decoder (unset: <model>/vae_tiny "
+        "when present); checked against the model's VAE at load",
     )
     threads: int = Field(
         default_factory=available_cpus,
@@ -213,6 +223,7 @@ class Settings(BaseSettings):
     @field_validator(
         "model_dir",
         "engine_dir",
+        "tiny_decoder_dir",
         "default_model",
         "max_size",
         "max_queue_s",
@@ -279,4 +290,6 @@ class Settings(BaseSettings):
             torch_compile=self.torch_compile,
             max_batch_size=self.max_batch_size,
             threads=self.threads,
+            decoder=self.decoder,
+            tiny_decoder_dir=self.tiny_decoder_dir,
         )

@@ -11,7 +11,15 @@ from fastapi.responses import Response
 from service.auth import bearer_scheme
 from service.deps import CallerDep, State
 from service.errors import NotAcceptable, UnsupportedMediaType
-from service.generation import Job, JobOutput, parse_size, random_seed, resolve_model, run_job
+from service.generation import (
+    Job,
+    JobOutput,
+    openai_decoder,
+    parse_size,
+    random_seed,
+    resolve_model,
+    run_job,
+)
 from service.images import MEDIA_TYPES, ImagePreference, OutputFormat, negotiate
 from service.schemas import (
     ErrorResponse,
@@ -42,7 +50,7 @@ _IMAGE_CONTENT = {media: {"schema": {"type": "string", "format": "binary"}} for 
 
 
 def _headers(output: JobOutput) -> dict[str, str]:
-    headers = {"Server-Timing": output.server_timing()}
+    headers = {"Server-Timing": output.server_timing(), "X-Decoder": output.decoder.value}
     if output.warnings:
         headers["X-Warning"] = " | ".join(output.warnings)
     return headers
@@ -83,7 +91,9 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
     output_format = _output_format(body, preference)
     width, height = parse_size(body.size, body.width, body.height, model.info)
     seed = random_seed() if body.seed is None else body.seed
-    job = Job(model, body.prompt, body.n, width, height, seed, output_format, body.output_compression)
+    job = Job(
+        model, body.prompt, body.n, width, height, seed, output_format, body.output_compression, body.decoder
+    )
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
 
     headers = _headers(output)
@@ -95,6 +105,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
     response = GenerateResponse(
         created=int(time.time()),
         model=model.name,
+        decoder=output.decoder,
         size=f"{width}x{height}",
         output_format=job.output_format,
         data=_data(output),
@@ -117,11 +128,14 @@ async def openai_generations(
     width, height = parse_size(body.size, None, None, model.info)
     seed = random_seed() if body.seed is None else body.seed
     output_format: OutputFormat = body.output_format or "png"
-    job = Job(model, body.prompt, body.n or 1, width, height, seed, output_format, body.output_compression)
+    decoder = openai_decoder(model.info, body.quality)
+    n = body.n or 1
+    job = Job(model, body.prompt, n, width, height, seed, output_format, body.output_compression, decoder)
     output = await run_job(state, job, caller, request.receive, b64=True)
     response = OpenAIImagesResponse(
         created=int(time.time()),
         model=model.name,
+        decoder=output.decoder,
         data=_data(output),
         size=f"{width}x{height}",
         output_format=output_format,

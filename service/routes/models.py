@@ -10,6 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Security
 from pydantic import BaseModel, Field
 
+from engine.types import Decoder
 from service.auth import bearer_scheme
 from service.deps import State
 from service.models import ServedModel
@@ -33,6 +34,8 @@ class ModelObject(BaseModel):
     precision: str
     device: str
     max_prompt_tokens: int
+    decoders: list[Decoder] = Field(description='what `"decoder"` in /generate may name')
+    default_decoder: Decoder = Field(description="the decoder of a request that names none")
 
 
 class ModelList(BaseModel):
@@ -58,6 +61,8 @@ def model_object(model: ServedModel, default: str) -> ModelObject:
         precision=info.precision,
         device=info.device,
         max_prompt_tokens=info.max_prompt_tokens,
+        decoders=list(info.decoders),
+        default_decoder=info.default_decoder,
     )
 
 

@@ -66,7 +66,8 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
     if missing:
         pytest.fail(
-            f"{' and '.join(missing)} not found: install them with `{APT}` (the README's test command does)"
+            f"{' and '.join(missing)} not found: install the browser and its driver with `{APT}` "
+            "(the README's test command does)"
         )
     if webdriver is None:
         pytest.fail("selenium is not installed: pip install -e '.[dev]'")
