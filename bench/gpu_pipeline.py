@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.pipeline import TiUEPipeline, load_pipeline  # noqa: E402
-from engine.types import GenerationRequest, Precision  # noqa: E402
+from engine.types import GenerationRequest, Precision, TorchCompile  # noqa: E402
 
 SD21_TEXT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "heads": 16}
 SD_VAE_CHANNELS = (128, 256, 512, 512)
@@ -164,7 +164,12 @@ def sd_sized(report: Report, batches: list[int], iters: int, deadline: float, de
                 continue
             started = time.monotonic()
             pipe = load_pipeline(
-                EngineConfig(folder, device=device, precision=precision, torch_compile=compiled)
+                EngineConfig(
+                    folder,
+                    device=device,
+                    precision=precision,
+                    torch_compile=TorchCompile.DEFAULT if compiled else TorchCompile.OFF,
+                )
             )
             loaded = time.monotonic() - started
             started = time.monotonic()

@@ -73,7 +73,7 @@ class SleepEngine:
         images = [GeneratedImage(self._images[key], r.seed) for r in requests]
         return BatchResult(images, {"denoise": time.perf_counter() - started})
 
-    def warmup(self) -> None:
+    def warmup(self, batch_sizes: Any = None, sizes: Any = None) -> None:
         pass
 
 

@@ -75,7 +75,7 @@ class FixedCostEngine:
         images = [GeneratedImage(np.full((h, w, 3), r.seed % 251, np.uint8), r.seed) for r in requests]
         return BatchResult(images, {"denoise": seconds})
 
-    def warmup(self) -> None:
+    def warmup(self, batch_sizes: Any = None, sizes: Any = None) -> None:
         pass
 
 

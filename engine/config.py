@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.types import BackendName, Decoder, Precision
+from engine.types import BackendName, Decoder, Precision, TorchCompile
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,38 @@ class EngineConfig:
     steps: int = 4
     engine_dir: Path | None = None  # cache of compiled artefacts (ONNX graphs, TensorRT engines)
     build_engines: bool = False  # compiled backends: build a missing engine at load instead of failing
-    torch_compile: bool = False
+    torch_compile: TorchCompile = TorchCompile.OFF  # torch backend: compile each warmed bucket statically
+    compile_cache_dir: Path | None = None  # inductor/Triton caches; None: the cache root's compile/
+    warm_batch_sizes: tuple[int, ...] = ()  # compiled batch buckets; (): powers of two and the maximum
+    warm_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) warmed; (): the native size
     max_batch_size: int = 8  # images per denoiser call; compiled profiles are sized from it
     threads: int = 0  # CPU intra-op threads for torch and onnxruntime; 0 keeps the library default
     decoder: Decoder = Decoder.FULL  # the decoder of requests that name none
     tiny_decoder_dir: Path | None = None  # an AutoencoderTiny folder; None: <model>/vae_tiny when present
+
+    def __post_init__(self) -> None:
+        if isinstance(self.torch_compile, bool):  # the old boolean: true is the default mode
+            mode = TorchCompile.DEFAULT if self.torch_compile else TorchCompile.OFF
+            object.__setattr__(self, "torch_compile", mode)
+
+    @property
+    def compiles(self) -> bool:
+        """The torch backend compiles with static shapes: batches run padded to `batch_buckets()`."""
+        return BackendName(self.backend) is BackendName.TORCH and self.torch_compile is not TorchCompile.OFF
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        """The batch sizes compiled at warm-up, ascending (empty when nothing compiles); a batch runs padded
+        up to the next one, so no request meets a shape that was not compiled. Default: the powers of two
+        below max_batch_size, and max_batch_size."""
+        if not self.compiles:
+            return ()
+        sizes = set(self.warm_batch_sizes) or {2**i for i in range(16) if 2**i < self.max_batch_size}
+        outside = sorted(b for b in sizes if not 1 <= b <= self.max_batch_size)
+        if outside:
+            raise ValueError(
+                f"warm batch sizes {outside} are outside 1..max_batch_size ({self.max_batch_size})"
+            )
+        return tuple(sorted(sizes | {self.max_batch_size}))
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
+from engine import compiling
 from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSizeError
@@ -45,6 +46,7 @@ class TiUEPipeline:
         decoders = tuple(self.latent_scaling)
         if config.decoder not in decoders:
             raise ModelLoadError(f"decoder {config.decoder.value} is not loaded; loaded: {_names(decoders)}")
+        self._warmed = False  # set by warmup(): from then on a compiled pipeline compiles nothing more
         self.info = ModelInfo(
             name=components.name,
             backend=backend.name,
@@ -104,6 +106,21 @@ class TiUEPipeline:
             )
         for r in requests:
             self.validate(r)
+        with self._compile_scope():
+            result = self._run(self._padded(requests))
+        return BatchResult(result.images[: len(requests)], result.timings)
+
+    def _padded(self, requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
+        """Compiled: the batch filled up to the next compiled bucket with copies of its last request (their
+        images are dropped), so that it runs a shape compiled at warm-up."""
+        bucket = next((b for b in self.config.batch_buckets() if b >= len(requests)), len(requests))
+        return [*requests, *[requests[-1]] * (bucket - len(requests))]
+
+    def _compile_scope(self) -> AbstractContextManager[None]:
+        """Once warmed, a compiled pipeline compiles nothing more (an unwarmed size runs eagerly)."""
+        return compiling.serving(self.config, frozen=self._warmed) if self.config.compiles else nullcontext()
+
+    def _run(self, requests: Sequence[GenerationRequest]) -> BatchResult:
         timings: dict[str, float] = {}
         width, height = requests[0].shape_key
         text_encode, denoise, vae_decode = DEVICE_STAGES
@@ -112,7 +129,7 @@ class TiUEPipeline:
             states = self.backend.encode_text(ids)
         with self._timed(denoise, timings):
             z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
-            z_0 = self.backend.denoise(z_t.to(self.backend.device, self.backend.dtype), states)
+            z_0 = self.backend.denoise(to_device(z_t, self.backend.device).to(self.backend.dtype), states)
         with self._timed(vae_decode, timings):
             decoder = self.decoder_of(requests[0])
             scale, shift = self.latent_scaling[decoder]
@@ -148,11 +165,45 @@ class TiUEPipeline:
             ]
         )
 
-    def warmup(self) -> None:
-        """One full generation so first requests do not pay for lazy init: at the default size, or the
-        nearest square size the backend supports (compiled engines may exclude the default)."""
-        size = self.nearest_supported_size(self.info.default_size)
-        self.generate([GenerationRequest("warm up", 0, size, size)])
+    def warmup(
+        self, batch_sizes: Sequence[int] | None = None, sizes: Sequence[tuple[int, int]] | None = None
+    ) -> None:
+        """Run every shape the server will meet once, so that no request pays for lazy initialisation or a
+        compile: each batch size (default: the compiled buckets, else one image) at each (width, height)
+        (default: `warm_sizes`, else the native size; a square one the backend cannot run moves to the
+        nearest it can), with each loaded decoder. A compiled pipeline then compiles nothing more and
+        saves its compile cache."""
+        batches = tuple(batch_sizes or self.config.batch_buckets() or (1,))
+        native = self.info.default_size
+        wanted = [self._warm_size(w, h) for w, h in (sizes or self.config.warm_sizes or [(native, native)])]
+        passes = compiling.warm_passes(self.config.torch_compile) if self.config.compiles else 1
+        started = time.perf_counter()
+        for width, height in wanted:
+            for decoder in self.info.decoders:
+                for batch in batches:
+                    requests = [
+                        GenerationRequest("warm up", s, width, height, decoder=decoder) for s in range(batch)
+                    ]
+                    for _ in range(passes):
+                        self.generate(requests)
+        if self.config.compiles and not self._warmed:
+            compiling.save(self.config)
+        self._warmed = True
+        log.info(
+            "warmed batches %s at %s in %.1fs",
+            ",".join(map(str, batches)),
+            ", ".join(f"{w}x{h}" for w, h in wanted),
+            time.perf_counter() - started,
+        )
+
+    def _warm_size(self, width: int, height: int) -> tuple[int, int]:
+        if (
+            width != height
+            or self.backend.unsupported(1, height // self.vae_scale, width // self.vae_scale) is None
+        ):
+            return width, height  # generate() says why an oblong size cannot run
+        size = self.nearest_supported_size(width)
+        return size, size
 
     def nearest_supported_size(self, size: int, limit: int = 4096) -> int:
         m = self.info.size_multiple
@@ -195,9 +246,23 @@ def _names(decoders: Sequence[Decoder]) -> str:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor rounds."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor rounds (half to even),
+    computed where the images are; from a GPU, 1 byte a value comes back through pinned memory."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    x = x.permute(0, 2, 3, 1).contiguous()
+    if x.device.type != "cuda":
+        return x.numpy()
+    host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return host.numpy()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device`; to a GPU through pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def load_pipeline(

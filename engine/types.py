@@ -29,6 +29,15 @@ class BackendName(str, Enum):
     TENSORRT = "tensorrt"
 
 
+class TorchCompile(str, Enum):
+    """How the torch backend compiles: not at all, with inductor, or with inductor and CUDA graphs."""
+
+    OFF = "off"
+    DEFAULT = "default"
+    MAX_AUTOTUNE = "max-autotune"  # longer compiles, autotuned kernels
+    REDUCE_OVERHEAD = "reduce-overhead"  # CUDA graphs: one launch per stage (a GPU only)
+
+
 class Decoder(str, Enum):
     """Which decoder turns latents into pixels: the model's VAE, or a TAESD-layout `AutoencoderTiny`."""
 

@@ -103,6 +103,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.ready = Gauge("tiue_ready", "1 when every model is loaded, warmed and taking work.", registry=r)
+        self.warmup_seconds = Gauge(
+            "tiue_warmup_seconds",
+            "How long the model's warm-up took (with torch.compile: compiling every warmed batch size and size).",
+            ["model"],
+            registry=r,
+        )
         # Connections (service.connections): how close the server is to TIUE_MAX_CONNECTIONS, what it sheds.
         self.open_connections = Gauge("tiue_open_connections", "TCP connections open now.", registry=r)
         self.connections_refused = Counter(

@@ -25,7 +25,10 @@ class Pipeline(Protocol):
         """One image per request, in order; all requests share one `shape_key`."""
         ...
 
-    def warmup(self) -> None: ...
+    def warmup(
+        self, batch_sizes: Sequence[int] | None = None, sizes: Sequence[tuple[int, int]] | None = None
+    ) -> None:
+        """Run each shape once before serving (default: what the pipeline is configured to warm)."""
 
 
 PipelineFactory = Callable[[], Pipeline]

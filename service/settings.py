@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig, available_cpus
-from engine.types import BackendName, Decoder, Precision
+from engine.types import BackendName, Decoder, Precision, TorchCompile
 from service.logs import LogFormat
 
 
@@ -49,6 +49,18 @@ def default_max_connections() -> int:
     return max(1, min(_MAX_CONNECTIONS_CAP, hard - FD_RESERVE))
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    """'512x768' (width x height) or '512' (square) -> (width, height)."""
+    parts = text.lower().split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        width = height = 0
+    if width <= 0 or height <= 0:
+        raise ValueError(f"a warm size must look like 512 or 512x768, got {text!r}")
+    return width, height
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment; passed into `create_app`."""
 
@@ -76,8 +88,23 @@ class Settings(BaseSettings):
     build_engines: bool = Field(
         default=False, description="compiled backends: build missing artefacts at load instead of refusing"
     )
-    torch_compile: bool = Field(
-        default=False, description="torch backend: torch.compile the denoiser and decoder"
+    torch_compile: TorchCompile = Field(
+        default=TorchCompile.OFF,
+        description="torch backend: compile the denoiser and decoders for each warmed batch size and size "
+        "before the server is ready (reduce-overhead: CUDA graphs too; true/false: default/off)",
+    )
+    compile_cache_dir: Path | None = Field(
+        default=None,
+        description="torch.compile's inductor/Triton caches, kept across restarts (unset: the cache root's compile/)",
+    )
+    warm_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next "
+        "(unset: powers of two below max_batch_size, and max_batch_size)",
+    )
+    warm_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="image sizes warmed (compiled) before ready, comma-separated WxH or N (unset: the native size)",
     )
     decoder: Decoder = Field(
         default=Decoder.FULL,
@@ -185,6 +212,32 @@ class Settings(BaseSettings):
     log_format: LogFormat = LogFormat.TEXT  # json: one object per line, for log collectors
     playground: bool = Field(default=True, description="serve the browser playground at GET / (false: 404)")
 
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: Any) -> Any:
+        """The setting was a boolean once: true/false (1/0, yes/no, on) still mean default/off."""
+        if isinstance(value, bool):
+            return TorchCompile.DEFAULT if value else TorchCompile.OFF
+        if isinstance(value, str):
+            text = value.strip().lower()
+            legacy = {"true": "default", "1": "default", "yes": "default", "on": "default"}
+            return legacy.get(text, {"false": "off", "0": "off", "no": "off"}.get(text, text))
+        return value
+
+    @field_validator("warm_batch_sizes", "warm_sizes", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("warm_sizes")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        for text in value:
+            _parse_size(text)
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
@@ -223,6 +276,7 @@ class Settings(BaseSettings):
     @field_validator(
         "model_dir",
         "engine_dir",
+        "compile_cache_dir",
         "tiny_decoder_dir",
         "default_model",
         "max_size",
@@ -241,6 +295,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        outside = [b for b in self.warm_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if outside:
+            raise ValueError(
+                f"warm_batch_sizes {outside} must be within 1..max_batch_size ({self.max_batch_size})"
+            )
         if self.max_size is not None and self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) is larger than max_size ({self.max_size})")
         if self.models and self.model_dir is not None:
@@ -288,6 +347,9 @@ class Settings(BaseSettings):
             engine_dir=self.engine_dir,
             build_engines=self.build_engines,
             torch_compile=self.torch_compile,
+            compile_cache_dir=self.compile_cache_dir,
+            warm_batch_sizes=tuple(self.warm_batch_sizes),
+            warm_sizes=tuple(_parse_size(text) for text in self.warm_sizes),
             max_batch_size=self.max_batch_size,
             threads=self.threads,
             decoder=self.decoder,

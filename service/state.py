@@ -140,7 +140,11 @@ class ServiceState:
             info.precision,
             info.device,
         )
-        await self.worker.call(pipeline.warmup)
+        warm_started = time.perf_counter()
+        await self.worker.call(pipeline.warmup)  # with torch.compile: compiles every bucket, or loads it
+        warm_s = time.perf_counter() - warm_started
+        self.metrics.warmup_seconds.labels(model=model.name).set(warm_s)
+        logger.info("model %s warmed up in %.1f s", model.name, warm_s)
         await self.worker.call(lambda: self._calibrate(model))
         return model
 
@@ -148,9 +152,9 @@ class ServiceState:
     def _calibrate(model: ServedModel) -> None:
         """Seed the model's cost on the device thread: a second, timed warm-up (one image at the native
         size) once the first has paid for lazy initialisation. Every batch refines it from then on."""
-        started = time.perf_counter()
-        model.pipeline.warmup()
         size = model.info.default_size
+        started = time.perf_counter()
+        model.pipeline.warmup(batch_sizes=(1,), sizes=((size, size),))
         model.cost.observe((size, size), 1, time.perf_counter() - started)
         logger.info("%s: device seconds per image by size: %s", model.name, model.cost.measured())
 

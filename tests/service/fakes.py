@@ -71,7 +71,7 @@ class FakeEngine:
         ]
         return BatchResult(images, {"text_encode": 0.001, "denoise": 0.004, "vae_decode": 0.002})
 
-    def warmup(self) -> None:
+    def warmup(self, batch_sizes: Any = None, sizes: Any = None) -> None:
         self.warmed = True
 
     async def wait_entered(self, timeout: float = 5.0) -> list[GenerationRequest]:

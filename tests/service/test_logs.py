@@ -87,9 +87,9 @@ def restore_logging() -> Iterator[None]:
 
 
 class WarningEngine(FakeEngine):
-    def warmup(self) -> None:
+    def warmup(self, batch_sizes: Any = None, sizes: Any = None) -> None:
         warnings.warn("the fake engine warns at warm-up, as libraries do", UserWarning, stacklevel=1)
-        super().warmup()
+        super().warmup(batch_sizes, sizes)
 
 
 def json_line(line: str) -> dict[str, Any]:

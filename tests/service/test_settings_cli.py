@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from engine.types import BackendName, Precision
+from engine.types import BackendName, Precision, TorchCompile
 from service.cli import build_parser, main, serve_settings
 from service.settings import PromptPolicy, Settings
 
@@ -79,9 +79,15 @@ def test_inconsistent_settings_fail_at_startup(
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TIUE_PORT", "9000")
     monkeypatch.setenv("TIUE_MAX_BATCH_SIZE", "2")
-    args = build_parser().parse_args(["serve", "--port", "8123", "--model", str(tmp_path), "--torch-compile"])
+    args = build_parser().parse_args(
+        ["serve", "--port", "8123", "--model", str(tmp_path), "--torch-compile", "default"]
+    )
     settings = serve_settings(args)
-    assert (settings.port, settings.model_dir, settings.torch_compile) == (8123, tmp_path, True)
+    assert (settings.port, settings.model_dir, settings.torch_compile) == (
+        8123,
+        tmp_path,
+        TorchCompile.DEFAULT,
+    )
     assert settings.max_batch_size == 2  # not given as a flag: the environment's value stands
 
 
