@@ -90,7 +90,7 @@ LABEL org.opencontainers.image.title="tiue-serve" \
 RUN groupadd --gid 10001 tiue \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin tiue \
-    && install -d -o 10001 -g 10001 -m 0755 /models /var/cache/tiue/engines
+    && install -d -o 10001 -g 10001 -m 0755 /models /var/cache/tiue/engines /var/cache/tiue/compile
 COPY --from=gpu-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -107,8 +107,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     TIUE_DEVICE=cuda \
     TIUE_PRECISION=fp16 \
     TIUE_ENGINE_DIR=/var/cache/tiue/engines \
+    TIUE_COMPILE_CACHE_DIR=/var/cache/tiue/compile \
     TIUE_BUILD_ENGINES=false
-VOLUME ["/models", "/var/cache/tiue/engines"]
+VOLUME ["/models", "/var/cache/tiue/engines", "/var/cache/tiue/compile"]
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
@@ -124,7 +125,7 @@ LABEL org.opencontainers.image.title="tiue-serve" \
 RUN groupadd --gid 10001 tiue \
     && useradd --no-log-init --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin tiue \
-    && install -d -o 10001 -g 10001 -m 0755 /models /var/cache/tiue/engines
+    && install -d -o 10001 -g 10001 -m 0755 /models /var/cache/tiue/engines /var/cache/tiue/compile
 COPY --from=cpu-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -139,9 +140,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     TIUE_DEVICE=cpu \
     TIUE_PRECISION=fp32 \
     TIUE_ENGINE_DIR=/var/cache/tiue/engines \
+    TIUE_COMPILE_CACHE_DIR=/var/cache/tiue/compile \
     OMP_WAIT_POLICY=PASSIVE
 # TIUE_THREADS is left to the server: it follows the container's CPU limit (cgroup cpu.max) at start.
-VOLUME ["/models", "/var/cache/tiue/engines"]
+VOLUME ["/models", "/var/cache/tiue/engines", "/var/cache/tiue/compile"]
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \

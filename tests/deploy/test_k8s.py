@@ -208,7 +208,8 @@ def test_gpu_overlay_wiring(rendered: dict[str, Objects]) -> None:
         claims = {
             v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v
         }
-        assert claims == {"tiue-models", "tiue-engines"}, where
+        compile_cache = {"tiue-compile"} if where == "Deployment" else set()  # only the server compiles
+        assert claims == {"tiue-models", "tiue-engines", *compile_cache}, where
     engines = one(objects, "PersistentVolumeClaim", "tiue-engines")
     assert engines["spec"]["accessModes"] == ["ReadWriteMany"], "the Job writes, every pod reads"
 
