@@ -20,7 +20,7 @@ import torch._dynamo
 
 from engine import EngineConfig, GenerationRequest, compiling
 from engine.errors import BackendUnavailableError
-from engine.pipeline import TiUEPipeline, load_pipeline
+from engine.pipeline import TiUEPipeline, load_pipeline, to_uint8
 from engine.types import BackendName, TorchCompile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +121,14 @@ def test_warmup_covers_warm_sizes_and_explicit_shapes(tiny_model_dir: Path) -> N
     seen.clear()
     pipe.warmup(batch_sizes=(2, 3), sizes=((48, 48),))
     assert seen == [(2, 48, 48), (3, 48, 48)]
+
+
+def test_uint8_images_round_as_numpy_did() -> None:
+    """to_uint8 now converts where the images are (1 byte a value back from a GPU); same values."""
+    images = torch.rand(2, 3, 8, 8) * 2.2 - 1.1
+    images[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 1 / 255 - 1, 3 / 255 - 1])  # .5 boundaries after scaling
+    old = (((images / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(to_uint8(images), old)
 
 
 # -- the compile cache: real inductor, a small module, two processes ---------------------------------
