@@ -18,7 +18,7 @@ import numpy as np
 import openai
 import pytest
 import pytest_asyncio
-from fakes import FAKE_INFO, FakeEngine, make_settings, pixel_value
+from fakes import FAKE_INFO, FakeEngine, make_settings, pixel_value, wait_until
 from PIL import Image
 from serving import uvicorn_app
 
@@ -170,6 +170,9 @@ async def test_a_byte_identical_vae_is_one_module(server: tuple[str, Any]) -> No
 async def test_a_batch_holds_one_model_and_the_oldest_ready_batch_goes_first() -> None:
     small, large = FakeEngine(), FakeEngine()
     large.info = replace(FAKE_INFO, name="large", default_size=128)
+    order: list[tuple[str, list[int]]] = []  # batches as they reach the one device, both models
+    for name, engine in (("small", small), ("large", large)):
+        engine.generate = _recording(engine, name, order)  # type: ignore[method-assign]
     small.gate.clear()
     settings = make_settings(max_batch_size=4, max_wait_ms=2000, default_model="large")
     app = create_app(settings, pipeline_factories={"small": lambda: small, "large": lambda: large})
@@ -179,11 +182,11 @@ async def test_a_batch_holds_one_model_and_the_oldest_ready_batch_goes_first() -
         )
         await small.wait_entered()  # the device is held: everything else queues behind it
         names = ["small", "large"] * 4
-        pending = [
-            asyncio.create_task(client.post("/generate", json={"model": name, "prompt": "p", "seed": 1 + i}))
-            for i, name in enumerate(names)
-        ]
-        await asyncio.sleep(0.2)
+        pending = []
+        for i, name in enumerate(names):  # one at a time into the queue, so their order is known
+            body = {"model": name, "prompt": "p", "seed": 1 + i}
+            pending.append(asyncio.create_task(client.post("/generate", json=body)))
+            await wait_until(lambda i=i: app.state.tiue.batcher.pending_images == i + 1)
         default = asyncio.create_task(client.post("/generate", json={"prompt": "p", "seed": 50}))
         small.gate.set()
         responses = await asyncio.gather(first, *pending, default)
@@ -193,8 +196,22 @@ async def test_a_batch_holds_one_model_and_the_oldest_ready_batch_goes_first() -
         assert body["model"] == name and body["size"] == ("64x64" if name == "small" else "128x128")
         assert (pixels(body["data"][0]["b64_json"]) == pixel_value(body["data"][0]["seed"])).all()
     assert responses[-1].json()["model"] == "large"
-    assert [sorted(r.seed for r in batch) for batch in small.batches] == [[0], [1, 3, 5, 7]]
-    assert sorted(r.seed for r in large.batches[0]) == [2, 4, 6, 8]  # then the default's, 50
+    assert [(name, sorted(seeds)) for name, seeds in order] == [
+        ("small", [0]),
+        ("small", [1, 3, 5, 7]),  # its oldest request came first: its batch goes first
+        ("large", [2, 4, 6, 8]),
+        ("large", [50]),  # the default model's, which arrived last
+    ]
+
+
+def _recording(engine: FakeEngine, name: str, order: list[tuple[str, list[int]]]) -> Any:
+    generate = engine.generate
+
+    def record(requests: Any) -> Any:
+        order.append((name, [r.seed for r in requests]))
+        return generate(requests)
+
+    return record
 
 
 async def test_a_model_that_fails_to_load_fails_the_start_by_name() -> None:
