@@ -75,6 +75,7 @@ function describe(model) {
   if (model.steps) parts.push(`${model.steps} steps`);
   const runs = [model.backend, model.precision].filter(Boolean).join(" ");
   if (runs) parts.push(runs);
+  if (decoders(model).length > 1) parts.push(`decoders: ${decoders(model).join(", ")}`);
   return parts.length ? `${model.id}: ${parts.join(", ")}` : model.id;
 }
 
@@ -222,7 +223,9 @@ function showResult(body) {
     return pair;
   });
   $("timings").replaceChildren(...stages);
-  $("results-title").textContent = `${count} ${count === 1 ? "image" : "images"} · ${body.size} · ${body.model}`;
+  const made = [`${count} ${count === 1 ? "image" : "images"}`, body.size, body.model];
+  if (body.decoder) made.push(`${body.decoder} decoder`);
+  $("results-title").textContent = made.join(" · ");
   $("results").hidden = false;
 }
 

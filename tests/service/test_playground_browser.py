@@ -12,16 +12,18 @@ import io
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from fakes import FakeEngine, pixel_value, wait_until
+from fakes import FAKE_INFO, FakeEngine, pixel_value, wait_until
 from PIL import Image
 from test_uvicorn_e2e import uvicorn_serving
+
+from engine.types import Decoder
 
 try:
     from selenium import webdriver
@@ -273,3 +275,26 @@ async def test_the_playground_asks_for_a_key_and_shows_the_retry_delay(
     assert stored == KEY and kept
     assert full.status_code == 429
     assert f"Try again in {full.headers['retry-after']} s." in busy, busy
+
+
+def pick_the_tiny_decoder(driver: Any, url: str) -> tuple[list[str], str, str]:
+    wait = open_page(driver, url)
+    wait.until(ec.visibility_of_element_located((By.ID, "decoder")))
+    select = Select(driver.find_element(By.ID, "decoder"))
+    offered, preselected = [o.get_attribute("value") for o in select.options], select.first_selected_option
+    chosen = preselected.get_attribute("value")
+    driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+    select.select_by_value("tiny")
+    ctrl_enter(driver)
+    wait.until(lambda d: d.execute_script(IMAGE_SHOWN))
+    return offered, chosen, driver.find_element(By.ID, "results-title").text
+
+
+async def test_the_playground_offers_the_decoders_a_model_has(browser: Any) -> None:
+    engine = FakeEngine()
+    engine.info = replace(FAKE_INFO, decoders=(Decoder.FULL, Decoder.TINY))
+    async with uvicorn_serving(engine) as (url, _):
+        offered, preselected, title = await asyncio.to_thread(pick_the_tiny_decoder, browser, url)
+    assert offered == ["full", "tiny"] and preselected == "full"
+    assert title.endswith("tiny decoder"), title
+    assert [r.decoder for r in engine.batches[-1]] == [Decoder.TINY]
