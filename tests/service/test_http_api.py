@@ -221,7 +221,7 @@ BAD_INPUTS = [
     ({"prompt": "x", "size": "0x64"}, "size", "width is 0 px"),
     ({"prompt": "x", "size": "64x2048"}, "size", "height is 2048 px; this server accepts 64 to 128"),
     ({"prompt": "x", "size": "32x64"}, "size", "width is 32 px"),
-    ({"prompt": "x", "size": "72x64"}, None, "width 72 is not a multiple of 16"),  # the model's own rule
+    ({"prompt": "x", "size": "72x64"}, "size", "width 72 is not a multiple of 16"),  # the model's own rule
     ({"prompt": "x", "width": 64}, "body", "give both width and height"),
     ({"prompt": "x", "size": "64x64", "width": 64, "height": 64}, "body", "either size or width"),
     ({"prompt": "x", "width": 0, "height": 64}, "width", "greater than or equal to 1"),
