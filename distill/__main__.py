@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=None, help="ship (and all): the pipeline folder to write; required"
     )
     parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="tiny-eval: the pipeline folder (with vae_tiny/) to judge (default: the embedded model)",
+    )
+    parser.add_argument(
         "--judge-out", type=Path, default=None, help="ship: the judge file (default: <out>-judge.safetensors)"
     )
     args = parser.parse_args(argv)

@@ -26,6 +26,21 @@ def _decoder(a: argparse.Namespace) -> None:
     finetune_decoder(a.workdir, steps=a.steps or 1500, batch=a.batch or 32, seed=a.seed)
 
 
+def _tiny_decoder(a: argparse.Namespace) -> None:
+    from distill.tiny_decoder import ship_tiny_decoder, train_tiny_decoder
+
+    train_tiny_decoder(a.workdir, steps=a.steps or 3000, batch=a.batch or 32, seed=a.seed, n=a.n or 8192)
+    if a.out is not None:
+        ship_tiny_decoder(a.workdir, a.out)
+
+
+def _tiny_eval(a: argparse.Namespace) -> None:
+    from distill.ship import JUDGE_PATH
+    from distill.tiny_decoder import SHIPPED_MODEL, evaluate_tiny_decoder
+
+    evaluate_tiny_decoder(a.model or SHIPPED_MODEL, a.judge_out or JUDGE_PATH, a.workdir, a.split)
+
+
 def _teacher(a: argparse.Namespace) -> None:
     from distill.teacher import train_teacher
 
@@ -97,9 +112,11 @@ STAGES: dict[str, Callable[[argparse.Namespace], None]] = {
     "student": _student,
     "eval": _eval,
     "ship": _ship,
+    "tiny-decoder": _tiny_decoder,
+    "tiny-eval": _tiny_eval,
     "probe": _probe,
 }
-ORDER = ("data", "vae", "judge", "teacher", "decoder", "student", "eval", "ship")
+ORDER = ("data", "vae", "judge", "teacher", "decoder", "student", "eval", "ship", "tiny-decoder")
 
 
 def _all(a: argparse.Namespace) -> None:

@@ -90,3 +90,29 @@ def test_judge_reads_what_the_prompt_asks_for() -> None:
         got = {a: CLASSES[a][int(v)] for a, v in zip(ATTRIBUTES, row, strict=True)}
         hits = {a: n + (got[a] == want[a]) for a, n in hits.items()}
     assert hits["color"] >= len(PAIRS) - 1 and hits["shape"] >= len(PAIRS) - 1, hits
+
+
+def test_its_tiny_decoder_loads_and_decodes_faster() -> None:
+    """The shipped vae_tiny/ fits the VAE and its decode stage is cheaper: timed as the best of several
+    interleaved runs, so a busy neighbour slows both alike (the measured table: docs/benchmarks.md)."""
+    import time
+
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.pipeline import load_pipeline
+    from engine.types import Decoder, GenerationRequest
+
+    pipe = load_pipeline(EngineConfig(model_dir=DEFAULT_MODEL_DIR))
+    assert pipe.info.decoders == (Decoder.FULL, Decoder.TINY)
+    size = pipe.info.default_size
+    requests = [GenerationRequest(p, s, size, size, Decoder.TINY) for p, s in PAIRS]
+    assert len(pipe.generate(requests).images) == len(PAIRS)
+    latents = torch.randn(4, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    best = {d: float("inf") for d in Decoder}
+    for _ in range(7):
+        for decoder in Decoder:
+            started = time.perf_counter()
+            pipe.backend.decode(latents, decoder)
+            best[decoder] = min(best[decoder], time.perf_counter() - started)
+    assert best[Decoder.TINY] < best[Decoder.FULL], best

@@ -56,6 +56,7 @@ def test_shipped_folder_is_served_by_the_engine(recipe: tuple[Path, Path, list[s
     result = pipe.generate([GenerationRequest("a red circle on a blue background", 0, 64, 64)])
     assert result.images[0].pixels.shape == (64, 64, 3)
     assert pipe.info.steps == 4
+    assert [d.value for d in pipe.info.decoders] == ["full", "tiny"]  # `all` ends with tiny-decoder --out
 
 
 def test_rerun_resumes_from_the_checkpoint(
