@@ -113,12 +113,15 @@ class Admission:
             )
         left = deadline - self._clock()
         wait = self.batcher.wait_estimate_s(client)
-        if wait + cost > left:
+        # Its images are done when the batches they ride in are: count each part as a full batch.
+        batch = self.settings.max_batch_size
+        finish = wait + -(-images // batch) * cost_model.batch_seconds(size, batch)
+        if finish > left:
             raise QueueFull(
                 f"the device could not finish this request within the {self.settings.request_timeout_s:g} s "
                 f"timeout (about {wait:.1f} s of work is ahead of it); retry after the time in the "
                 "Retry-After header",
-                retry_after_s=wait + cost - left,
+                retry_after_s=finish - left,
             )
         if self.rate is not None:
             self.rate.take(client, images)

@@ -21,44 +21,64 @@ Size = tuple[int, int]
 _SMOOTHING = 0.2  # weight of a new batch in the running estimate
 _DEFAULT_EXPONENT = 1.5  # before two sizes have been measured
 _FLOOR_S = 1e-4  # no image is free: keeps ratios and Retry-After finite with a fake engine
+_UNMEASURED_BATCH = 1.5  # a batch at a size never measured: its images at the busy rate, plus half
 
 
 class CostModel:
-    """Thread-safe: the device worker observes, the event loop estimates."""
+    """Thread-safe: the device worker observes, the event loop estimates.
+
+    Kept per size and per batch count, because a batch has a fixed part too: one image alone costs
+    more than a quarter of a batch of four."""
 
     def __init__(self, prior_s: float = 0.05):
         self._prior_s = prior_s  # seconds per image before anything was measured
-        self._per_image: dict[Size, float] = {}
+        self._batches: dict[Size, dict[int, float]] = {}  # size -> images in the batch -> seconds
         self._lock = threading.Lock()
 
     def observe(self, size: Size, images: int, seconds: float) -> None:
         """One batch of `images` at `size` took `seconds` on the device."""
         if images < 1 or seconds <= 0:
             return
-        sample = max(seconds / images, _FLOOR_S)
+        sample = max(seconds, _FLOOR_S * images)
         with self._lock:
-            old = self._per_image.get(size)
-            self._per_image[size] = sample if old is None else (1 - _SMOOTHING) * old + _SMOOTHING * sample
+            counts = self._batches.setdefault(size, {})
+            old = counts.get(images)
+            counts[images] = sample if old is None else (1 - _SMOOTHING) * old + _SMOOTHING * sample
 
     def seconds_per_image(self, size: Size) -> float:
-        with self._lock:
-            measured = dict(self._per_image)
-        if size in measured:
-            return measured[size]
-        if not measured:
+        """What an image adds when the device is busy: the largest batch measured at the size, per image."""
+        per_image = self._per_image()
+        if size in per_image:
+            return per_image[size]
+        if not per_image:
             return self._prior_s
-        area = size[0] * size[1]
-        nearest = min(measured, key=lambda s: abs(math.log(s[0] * s[1] / area)))
-        ratio = area / (nearest[0] * nearest[1])
-        return max(measured[nearest] * ratio ** _exponent(measured.items()), _FLOOR_S)
+        return max(_scaled(per_image, size), _FLOOR_S)
 
     def seconds(self, size: Size, images: int) -> float:
+        """Device time `images` images add to the queue (at the busy rate)."""
         return self.seconds_per_image(size) * images
+
+    def batch_seconds(self, size: Size, images: int) -> float:
+        """How long one batch of `images` takes, from the closest measured batch at the size: a
+        measured batch at least as large if there is one (a smaller batch is no slower), else the
+        largest scaled up by images. An unmeasured size is scaled by area like `seconds_per_image`."""
+        with self._lock:
+            counts = dict(self._batches.get(size, {}))
+        if not counts:
+            return self.seconds(size, images) * _UNMEASURED_BATCH
+        larger = [count for count in counts if count >= images]
+        count = min(larger) if larger else max(counts)
+        return counts[count] * max(1.0, images / count)
 
     def measured(self) -> dict[str, float]:
         """Seconds per image by "WxH", for /readyz and the logs."""
+        return {f"{w}x{h}": round(v, 6) for (w, h), v in sorted(self._per_image().items())}
+
+    def _per_image(self) -> dict[Size, float]:
         with self._lock:
-            return {f"{w}x{h}": round(s, 6) for (w, h), s in sorted(self._per_image.items())}
+            return {
+                size: counts[max(counts)] / max(counts) for size, counts in self._batches.items() if counts
+            }
 
     def largest_images(self, size: Size, budget_s: float) -> int:
         """How many images of `size` fit in `budget_s` of device time."""
@@ -73,6 +93,13 @@ class CostModel:
                 best = side
             side += multiple
         return best
+
+
+def _scaled(per_image: dict[Size, float], size: Size) -> float:
+    """The nearest measured size's cost, times the area ratio to the fitted exponent."""
+    area = size[0] * size[1]
+    nearest = min(per_image, key=lambda s: abs(math.log(s[0] * s[1] / area)))
+    return per_image[nearest] * (area / (nearest[0] * nearest[1])) ** _exponent(per_image.items())
 
 
 def _exponent(measured: Iterable[tuple[Size, float]]) -> float:

@@ -26,6 +26,7 @@ from service.state import ServiceState
 
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 _SEED_SPACE = 2**32
+ANSWER_MARGIN = 0.1  # of the timeout (at most 1 s), kept for encoding and sending the images
 T = TypeVar("T")
 
 
@@ -157,15 +158,17 @@ async def run_job(
 
     timeout = state.settings.request_timeout_s
     deadline = caller.arrived + timeout
+    # The images must be made early enough to be encoded and sent within the timeout.
+    device_deadline = deadline - min(ANSWER_MARGIN * timeout, 1.0)
     size = requests[0].shape_key
     cost = state.admission.admit(
-        caller.client, size, job.n, deadline, info.size_multiple, cost_model=model.cost
+        caller.client, size, job.n, device_deadline, info.size_multiple, cost_model=model.cost
     )
     seeds = [request.seed for request in requests]
     annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
     key = BatchKey(model.name, job.width, job.height, decoder)
     process = state.batcher.process(
-        key, requests, deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
+        key, requests, device_deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
     )
     try:
         results = await _unless_gone(process, receive, deadline - time.monotonic(), timeout)

@@ -173,7 +173,7 @@ class DeviceWorker:
             self._metrics.queue_wait.labels(model=model.name).observe(batch.formed_at - item.enqueued_at)
 
         def seconds_for(images: int) -> float:
-            return cost.seconds(size, images)
+            return cost.batch_seconds(size, images)
 
         def run() -> _Done:
             # On the device thread, just before it runs: a staged batch may have waited behind another.

@@ -49,6 +49,17 @@ def test_one_measured_size_extrapolates_conservatively() -> None:
     assert cost.seconds_per_image((1024, 1024)) == pytest.approx(0.05 * 256**1.5)  # minutes, not 4 s
 
 
+def test_a_batch_is_estimated_from_the_closest_measured_batch_not_per_image() -> None:
+    cost = CostModel()
+    cost.observe(NATIVE, 1, 0.15)  # 50 ms per batch + 100 ms per image
+    cost.observe(NATIVE, 4, 0.45)
+    assert cost.seconds_per_image(NATIVE) == pytest.approx(0.1125)  # the busy rate, for the queue
+    assert cost.batch_seconds(NATIVE, 1) == pytest.approx(0.15)  # not 0.1125: one image alone
+    assert cost.batch_seconds(NATIVE, 3) == pytest.approx(0.45)  # no slower than the batch of 4
+    assert cost.batch_seconds(NATIVE, 8) == pytest.approx(0.9)
+    assert cost.batch_seconds(LARGE, 1) > cost.seconds(LARGE, 1)  # never measured: a margin on top
+
+
 def test_batches_refine_the_estimate() -> None:
     cost = measured(s64x64=1.0)
     for _ in range(50):
@@ -95,10 +106,11 @@ async def test_a_request_the_queue_would_not_reach_in_time_is_refused_at_once() 
     admit, batcher = admission(measured(s64x64=1.0), max_queue_s=100.0, client_share=1.0)
     batcher.submit(NATIVE, reqs(8), time.monotonic() + FAR, client="a", cost_s=8.0)  # two items of 4 s
     with pytest.raises(QueueFull, match="could not finish this request") as late:
-        admit("a", NATIVE, 2, time.monotonic() + 7.0, 16)  # 8 s ahead + 2 s of its own > 7 s
-    assert late.value.headers["Retry-After"] == "4"  # ceil(8 + 2 - 6.99...)
-    # Another client is behind only "a"'s first item in the fair queue, so it still fits its deadline.
-    assert admit("b", NATIVE, 2, time.monotonic() + 7.0, 16) == pytest.approx(2.0)
+        # 8 s ahead, then its images ride in a batch of up to 4 (4 s): done after 12 s > 9 s
+        admit("a", NATIVE, 2, time.monotonic() + 9.0, 16)
+    assert late.value.headers["Retry-After"] == "4"  # ceil(12 - 8.99...)
+    # Another client is behind only "a"'s first item in the fair queue: 4 + 4 s, in time.
+    assert admit("b", NATIVE, 2, time.monotonic() + 9.0, 16) == pytest.approx(2.0)
 
 
 async def test_the_rate_limit_refuses_with_the_time_until_tokens_return() -> None:

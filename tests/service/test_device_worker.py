@@ -30,6 +30,7 @@ def one_model(engine: FakeEngine, seconds_per_image: float) -> Models:
     """The engine as the only model, its cost model believing each image takes `seconds_per_image`."""
     model = ServedModel(FAKE_INFO.name, engine, 0)
     model.cost.observe(SIZE, 1, seconds_per_image)
+    model.cost.observe(SIZE, 4, 4 * seconds_per_image)
     models = Models()
     models.add(model)
     return models
