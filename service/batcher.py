@@ -270,18 +270,10 @@ class MicroBatcher:
         self._finish[client] = tag
         return futures
 
-    async def process(
-        self,
-        key: Hashable,
-        requests: Sequence[GenerationRequest],
-        deadline: float,
-        *,
-        client: str = "",
-        request_id: str = "",
-        cost_s: float = 0.0,
-    ) -> list[ItemResult]:
-        """Submit and wait for every item; if this is cancelled or one item fails, the rest are cancelled."""
-        futures = self.submit(key, requests, deadline, client=client, request_id=request_id, cost_s=cost_s)
+    @staticmethod
+    async def results(futures: Sequence[asyncio.Future[ItemResult]]) -> list[ItemResult]:
+        """Wait for every item `submit` made of one request; if this is cancelled or one item fails, the
+        rest are cancelled (so those still queued are never computed)."""
         try:
             return list(await asyncio.gather(*futures))
         finally:

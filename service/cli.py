@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 
 # Settings every command that loads a model reads.
 DECODER_FIELDS = ("decoder", "tiny_decoder_dir")  # export and build-engines take them too
+EXPORT_FIELDS = ("model_dir", "device", "precision", "steps", "max_batch_size", *DECODER_FIELDS)
+BUILD_FIELDS = (
+    "model_dir",
+    "backend",
+    "device",
+    "precision",
+    "steps",
+    "engine_dir",
+    "max_batch_size",
+    *DECODER_FIELDS,
+)
 ENGINE_FIELDS = (
     "model_dir",
     "backend",
@@ -203,7 +214,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="engine folder to write the entry into")
     _add_profile_options(p)
-    add_setting_flags(p, ("model_dir", "device", "precision", "steps", "max_batch_size", *DECODER_FIELDS))
+    add_setting_flags(p, EXPORT_FIELDS)
     p.set_defaults(handler=_run_export)
 
 
@@ -216,19 +227,7 @@ def _add_build_engines(subparsers: argparse._SubParsersAction) -> None:
         "--engine-dir, where the server with the same settings finds them by their key.",
     )
     _add_profile_options(p)
-    add_setting_flags(
-        p,
-        (
-            "model_dir",
-            "backend",
-            "device",
-            "precision",
-            "steps",
-            "engine_dir",
-            "max_batch_size",
-            *DECODER_FIELDS,
-        ),
-    )
+    add_setting_flags(p, BUILD_FIELDS)
     p.set_defaults(handler=_run_build_engines)
 
 
@@ -296,8 +295,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from engine.export.cli import export_graphs
 
-    fields = ("model_dir", "device", "precision", "steps", "max_batch_size", *DECODER_FIELDS)
-    settings = _settings_or_exit(args, fields)
+    settings = _settings_or_exit(args, EXPORT_FIELDS)
     if settings is None:
         return 2
     _tool_logging()
@@ -307,17 +305,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_build_engines(args: argparse.Namespace) -> int:
     from engine.export.cli import build_engines
 
-    fields = (
-        "model_dir",
-        "backend",
-        "device",
-        "precision",
-        "steps",
-        "engine_dir",
-        "max_batch_size",
-        *DECODER_FIELDS,
-    )
-    settings = _settings_or_exit(args, fields)
+    settings = _settings_or_exit(args, BUILD_FIELDS)
     if settings is None:
         return 2
     _tool_logging()

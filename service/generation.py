@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from starlette.types import Message
 
 from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo
-from service.batcher import BatchKey, ItemResult
+from service.batcher import BatchKey, ItemResult, MicroBatcher
 from service.caller import Caller
 from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
 from service.images import OutputFormat, encode_image
@@ -167,14 +167,19 @@ async def run_job(
     seeds = [request.seed for request in requests]
     annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
     key = BatchKey(model.name, job.width, job.height, decoder)
-    process = state.batcher.process(
+    futures = state.batcher.submit(
         key, requests, device_deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
     )
     try:
-        results = await _unless_gone(process, receive, deadline - time.monotonic(), timeout)
+        results = await _unless_gone(
+            MicroBatcher.results(futures), receive, deadline - time.monotonic(), timeout
+        )
     except BatchFailed as exc:
         annotate(batch_ids=[exc.batch_id])
         raise
+    finally:
+        for future in futures:
+            future.cancel()  # whatever ended the wait, nothing of it stays queued (a no-op once done)
     annotate(
         queue_wait_s=round(max(result.queue_wait_s for result in results), 4),
         batch_ids=sorted({result.batch_id for result in results}),

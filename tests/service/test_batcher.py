@@ -243,7 +243,7 @@ async def test_fail_pending_fails_every_waiting_item() -> None:
 
 async def test_process_cancels_sibling_items_when_its_caller_is_cancelled() -> None:
     b = batcher(max_batch=2, wait_s=FAR)
-    task = asyncio.create_task(b.process(SMALL, reqs(4), time.monotonic() + FAR))
+    task = asyncio.create_task(b.results(b.submit(SMALL, reqs(4), time.monotonic() + FAR)))
     await asyncio.sleep(0)
     assert b.pending_images == 4
     task.cancel()
@@ -255,7 +255,7 @@ async def test_process_cancels_sibling_items_when_its_caller_is_cancelled() -> N
 
 async def test_process_returns_results_in_submission_order() -> None:
     b = batcher(max_batch=2, wait_s=0.0)
-    task = asyncio.create_task(b.process(SMALL, reqs(3), time.monotonic() + FAR))
+    task = asyncio.create_task(b.results(b.submit(SMALL, reqs(3), time.monotonic() + FAR)))
     for _ in range(2):
         batch = await next_batch(b)
         for item in reversed(batch.items):  # resolve out of order on purpose
