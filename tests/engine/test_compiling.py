@@ -80,6 +80,7 @@ def eager(tiny_model_dir: Path) -> TiUEPipeline:
     return load_pipeline(EngineConfig(tiny_model_dir, max_batch_size=4))
 
 
+@pytest.mark.slow  # compiles every bucket (~10 s)
 def test_warmup_compiles_each_bucket_and_nothing_after(compiled: TiUEPipeline) -> None:
     assert compiled.config.batch_buckets() == (1, 4)
     assert compiled.warmed_graphs == 4  # type: ignore[attr-defined]  # denoiser and decoder, at 1 and at 4

@@ -20,6 +20,9 @@ from PIL import Image
 from service.app import create_app
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
+pytestmark = (
+    pytest.mark.slow
+)  # a real model with both decoders: the full suite runs it, the fast loop does not
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -165,6 +165,7 @@ async def test_each_request_gets_exactly_one_access_line(engine: FakeEngine, log
     assert not any("a red circle" in json.dumps(line) for line in lines)
 
 
+@pytest.mark.slow  # waits out a real disconnect (~5 s)
 async def test_a_client_that_hangs_up_gets_a_499_access_line(engine: FakeEngine, logged: Lines) -> None:
     engine.gate.clear()
     async with (

@@ -26,6 +26,8 @@ from service.app import create_app
 from service.cli import main as tiue
 from tests.support.tiny_model import build_tiny_pipeline
 
+pytestmark = pytest.mark.slow  # real models in real servers: the full suite runs them, the fast loop does not
+
 module_loop = pytest.mark.asyncio(loop_scope="module")  # one server, both models loaded once
 PROMPT = "a red circle"
 
