@@ -119,7 +119,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
     "/v1/images/generations",
     summary="OpenAI-compatible image generation (response_format b64_json)",
     response_model=None,
-    responses={200: {"model": OpenAIImagesResponse}, **_ERRORS},
+    responses={200: {"model": OpenAIImagesResponse}, **{k: v for k, v in _ERRORS.items() if k != 406}},
 )
 async def openai_generations(
     body: OpenAIImageRequest, request: Request, state: State, caller: CallerDep
