@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.pipeline import load_pipeline  # noqa: E402
-from engine.types import Decoder, GenerationRequest  # noqa: E402
+from engine.types import DEVICE_STAGES, Decoder, GenerationRequest  # noqa: E402
+
+VAE_DECODE = DEVICE_STAGES[-1]
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
                 ]
                 timings = pipe.generate(requests).timings
                 if i >= 2:  # two warm-up rounds
-                    stage[decoder].append(timings["vae_decode"] * 1000)
+                    stage[decoder].append(timings[VAE_DECODE] * 1000)
                     total[decoder].append(sum(timings.values()) * 1000)
         full, tiny = (statistics.median(stage[d]) for d in (Decoder.FULL, Decoder.TINY))
         best_full, best_tiny = (min(stage[d]) for d in (Decoder.FULL, Decoder.TINY))
