@@ -74,10 +74,23 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=None, help="ship (and all): the pipeline folder to write; required"
     )
     parser.add_argument(
+        "--student-latents",
+        type=int,
+        default=None,
+        help="tiny-decoder: also train on this many of the student's own one-pass latents (default 0)",
+    )
+    parser.add_argument(
+        "--student-share",
+        type=float,
+        default=None,
+        help="tiny-decoder: the share of each batch drawn from the student latents (default 0.5)",
+    )
+    parser.add_argument(
         "--model",
         type=Path,
         default=None,
-        help="tiny-eval: the pipeline folder (with vae_tiny/) to judge (default: the embedded model)",
+        help="tiny-eval: the pipeline folder (with vae_tiny/) to judge; tiny-decoder: the student to draw "
+        "--student-latents from (default: the embedded model)",
     )
     parser.add_argument(
         "--judge-out", type=Path, default=None, help="ship: the judge file (default: <out>-judge.safetensors)"

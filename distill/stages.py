@@ -27,9 +27,18 @@ def _decoder(a: argparse.Namespace) -> None:
 
 
 def _tiny_decoder(a: argparse.Namespace) -> None:
-    from distill.tiny_decoder import ship_tiny_decoder, train_tiny_decoder
+    from distill.tiny_decoder import SHIPPED_MODEL, ship_tiny_decoder, train_tiny_decoder
 
-    train_tiny_decoder(a.workdir, steps=a.steps or 3000, batch=a.batch or 32, seed=a.seed, n=a.n or 8192)
+    train_tiny_decoder(
+        a.workdir,
+        steps=a.steps or 3000,
+        batch=a.batch or 32,
+        seed=a.seed,
+        n=a.n or 8192,
+        n_student=a.student_latents or 0,
+        student_share=0.5 if a.student_share is None else a.student_share,
+        student_model=a.model or SHIPPED_MODEL,
+    )
     if a.out is not None:
         ship_tiny_decoder(a.workdir, a.out)
 

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from tqdm import tqdm
 
 from distill.common import load_checkpoint, save_checkpoint, seed_all, to_unit
-from distill.domain import make_dataset
+from distill.domain import make_dataset, sample_scene
 from distill.student import edge_weights
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "engine" / "default_mod
 TINY_CHANNELS, TINY_BLOCKS = 24, (3, 3, 1, 0)  # the 64x64 stage: one conv, cheap at full size
 NOISE_MAX = 0.1  # latent jitter: the student's latents are near, not on, the encoder's
 EDGE_WEIGHT = 3.0  # the error weighted up on the target's edges: a small shape's outline is a few pixels
+# The student's own one-pass latents (option `student_latents`): noise seeds from their own range, far
+# from every eval split's (`SPLITS[*].noise_base + s`, and the diversity rows' 5000 + s)
+STUDENT_NOISE_BASE = 70_000_000
+STUDENT_SCENE_SALT = 52_525
 
 
 def build_tiny_decoder(vae: AutoencoderKL) -> AutoencoderTiny:
@@ -62,6 +66,52 @@ def _latent_set(vae: AutoencoderKL, n: int, seed: int) -> tuple[torch.Tensor, np
     return _latent_set_from(vae, images), images
 
 
+def student_prompts(n: int, seed: int) -> list[str]:
+    """n full captions of training-domain scenes, drawn from their own stream, none of them a prompt of
+    an eval split (test, val) or of the diversity rows."""
+    from distill.evaluate import SPLITS, diversity_prompts, eval_prompts
+
+    held = set(diversity_prompts())
+    for split in SPLITS.values():
+        held.update(eval_prompts(split.prompts, split.scene_seed))
+    rng = np.random.default_rng(seed * 1_000_037 + STUDENT_SCENE_SALT)
+    prompts: list[str] = []
+    while len(prompts) < n:
+        if (p := sample_scene(rng).caption()) not in held:
+            prompts.append(p)
+    return prompts
+
+
+def student_noise_seeds(n: int, seed: int) -> list[int]:
+    """The noise seeds of the student latents: `STUDENT_NOISE_BASE` up, never an eval split's."""
+    base = STUDENT_NOISE_BASE + seed * 1_000_000
+    return list(range(base, base + n))
+
+
+@torch.no_grad()
+def student_latents(model_dir: Path, n: int, seed: int, batch: int = 64) -> torch.Tensor:
+    """The shipped student's one-pass z_0 (4 DDIM steps folded, as served and as `tiny-eval` draws
+    them) for n training-domain prompts x noise seeds disjoint from the eval splits'."""
+    from diffusers import StableDiffusionPipeline
+
+    from distill.onepass import one_pass
+    from distill.sampling import initial_noise
+    from distill.text import encode
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, safety_checker=None)
+    prompts, seeds = student_prompts(n, seed), student_noise_seeds(n, seed)
+    denoise = one_pass(pipe.unet.eval(), pipe.scheduler.config, steps=4)
+    return torch.cat(
+        [
+            denoise(
+                initial_noise(seeds[i : i + batch], pipe.unet.config.sample_size),
+                encode(pipe.text_encoder, pipe.tokenizer, prompts[i : i + batch]),
+            )[0]
+            for i in range(0, n, batch)
+        ]
+    )
+
+
 def train_tiny_decoder(
     workdir: Path,
     steps: int,
@@ -71,8 +121,15 @@ def train_tiny_decoder(
     lr: float = 2e-3,
     real_weight: float = 0.5,
     edge_weight: float = EDGE_WEIGHT,
+    n_student: int = 0,
+    student_share: float = 0.5,
+    student_model: Path = SHIPPED_MODEL,
 ) -> Path:
-    """Train, resumably, and save the decoder as a diffusers folder at `<workdir>/vae_tiny/model`."""
+    """Train, resumably, and save the decoder as a diffusers folder at `<workdir>/vae_tiny/model`.
+
+    With `n_student` > 0, `student_share` of every batch is the student's own one-pass latents
+    (`student_latents` of `student_model`, cached) with the VAE's decodes of them as the only target
+    (no real render matches them); the rest is the encoder's latents as without it."""
     out = workdir / "vae_tiny"
     vae, vae_dir = teacher_vae(workdir)
     cache = out / "latents.pt"
@@ -81,6 +138,18 @@ def train_tiny_decoder(
         data = {"latents": latents, "images": torch.from_numpy(images)}
         save_checkpoint(cache, data)
     latents, images = data["latents"], data["images"].numpy()
+    n_stu_batch = min(batch - 1, max(1, round(batch * student_share))) if n_student > 0 else 0
+    n_enc_batch = batch - n_stu_batch
+    stu_latents = torch.empty(0)
+    if n_student > 0:
+        stu_cache = out / "student_latents.pt"
+        stu = load_checkpoint(stu_cache)
+        if stu is None or stu["n"] != n_student or stu["seed"] != seed:
+            t0 = time.perf_counter()
+            stu = {"latents": student_latents(student_model, n_student, seed), "n": n_student, "seed": seed}
+            save_checkpoint(stu_cache, stu)
+            log.info("%d student latents in %.0f s", n_student, time.perf_counter() - t0)
+        stu_latents = stu["latents"]
     gen = seed_all(seed)
     tiny = build_tiny_decoder(vae)
     opt = torch.optim.AdamW(tiny.decoder.parameters(), lr=lr, weight_decay=0.0)
@@ -95,16 +164,19 @@ def train_tiny_decoder(
     bar = tqdm(total=steps, initial=step, desc="tiny decoder")
     started = time.perf_counter() - seconds
     while step < steps:
-        idx = torch.randint(0, len(latents), (batch,), generator=gen)
-        z = latents[idx] + torch.randn(batch, 1, 1, 1, generator=gen).abs() * NOISE_MAX * torch.randn(
+        idx = torch.randint(0, len(latents), (n_enc_batch,), generator=gen)
+        z = latents[idx] + torch.randn(n_enc_batch, 1, 1, 1, generator=gen).abs() * NOISE_MAX * torch.randn(
             latents[idx].shape, generator=gen
         )
+        if n_stu_batch:
+            z = torch.cat([z, stu_latents[torch.randint(0, len(stu_latents), (n_stu_batch,), generator=gen)]])
         with torch.no_grad():
             target = vae.decode(z / sf).sample.clamp(-1, 1)
         real = to_unit(images[idx.numpy()])
         pred = tiny.decode(z / tiny.config.scaling_factor).sample
         weight = edge_weights(target, edge_weight) if edge_weight > 0 else torch.ones_like(target[:, :1])
-        loss = _l1_mse(pred, target, weight) + real_weight * _l1_mse(pred, real, weight)
+        e = n_enc_batch
+        loss = _l1_mse(pred, target, weight) + real_weight * _l1_mse(pred[:e], real, weight[:e])
         for g in opt.param_groups:
             g["lr"] = (
                 lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / steps)))
@@ -124,7 +196,17 @@ def train_tiny_decoder(
     bar.close()
     tiny.eval()
     tiny.save_pretrained(str(out / "model"), safe_serialization=True)
-    report = {"steps": step, "train_seconds": round(time.perf_counter() - started, 1), "vae": str(vae_dir)}
+    report: dict = {
+        "steps": step,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "vae": str(vae_dir),
+    }
+    if n_student:
+        report["student_latents"] = {
+            "n": n_student,
+            "share": n_stu_batch / batch,
+            "model": str(student_model),
+        }
     report["reconstruction_levels"] = _agreement(vae, tiny)
     (out / "train.json").write_text(json.dumps(report, indent=2))
     log.info("tiny decoder: %s", report)
