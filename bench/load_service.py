@@ -120,6 +120,23 @@ def free_port() -> int:
         return port
 
 
+def wait_ready(process: subprocess.Popen[Any], url: str, timeout: float = 300) -> None:
+    """Until the server process at `url` answers /readyz 200; an error if it exits or takes too long."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # another process: nothing to await
+    raise TimeoutError("the server did not become ready")
+
+
 class ServerProcess:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = {**cfg, "port": free_port()}
@@ -127,19 +144,7 @@ class ServerProcess:
         self.process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(self.cfg)], cwd=ROOT)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)  # another process: nothing to await
-        raise TimeoutError("server not ready")
+        wait_ready(self.process, self.url, timeout)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -44,6 +44,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.load_service import wait_ready  # noqa: E402
+
 STORM_CLIENTS = 64
 KEYS = [f"bench-key-{i}" for i in range(STORM_CLIENTS)]
 PROMPTS = ["a red circle on a blue square", "a small green star", "a large yellow ring", "a purple triangle"]
@@ -129,17 +131,7 @@ class Server:
         self.process = subprocess.Popen(command, cwd=ROOT, env=env)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)  # another process: nothing to await
-        raise TimeoutError("the server did not become ready")
+        wait_ready(self.process, self.url, timeout)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
