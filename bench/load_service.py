@@ -120,6 +120,16 @@ def free_port() -> int:
         return port
 
 
+def stop_process(process: subprocess.Popen[Any], grace_s: float = 30) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it is still there after `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_ready(process: subprocess.Popen[Any], url: str, timeout: float = 300) -> None:
     """Until the server process at `url` answers /readyz 200; an error if it exits or takes too long."""
     import httpx
@@ -147,11 +157,7 @@ class ServerProcess:
         wait_ready(self.process, self.url, timeout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
 
 
 # -- measurements -------------------------------------------------------------------------------

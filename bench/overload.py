@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -44,7 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load_service import wait_ready  # noqa: E402
+from bench.load_service import free_port, stop_process, wait_ready  # noqa: E402
 
 STORM_CLIENTS = 64
 KEYS = [f"bench-key-{i}" for i in range(STORM_CLIENTS)]
@@ -96,20 +95,13 @@ def serve_child(cfg: dict[str, Any]) -> None:
     engine = FixedCostEngine(cfg["batch_ms"], cfg["image_ms"])
     app = create_app(settings, pipeline_factory=lambda: engine)
     try:
-        from service.server import build_server  # connection limits and drain, where the code has them
+        from service.edge.server import build_server  # connection limits and drain, where the code has them
     except ImportError:
         import uvicorn
 
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
     else:
         build_server(app, settings).run()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:
@@ -137,12 +129,7 @@ class Server:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 # -- load ---------------------------------------------------------------------------------------

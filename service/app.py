@@ -15,12 +15,12 @@ from starlette.responses import Response
 
 from engine.config import EngineConfig
 from engine.errors import EngineError
-from service.caller import ClientMiddleware
+from service.edge.caller import ClientMiddleware
+from service.edge.middleware import BodyLimitMiddleware, InFlightMiddleware, RequestMetricsMiddleware
+from service.edge.openapi import install_openapi
+from service.edge.paths import RoutePaths
 from service.errors import ServiceError, error_response
-from service.middleware import BodyLimitMiddleware, InFlightMiddleware, RequestMetricsMiddleware
 from service.models import ModelSpec
-from service.openapi import install_openapi
-from service.paths import RoutePaths
 from service.protocol import Pipeline, PipelineFactory
 from service.routes import health, images, models, playground
 from service.settings import Settings

@@ -329,8 +329,8 @@ def _tool_logging() -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.logs import configure_logging
-    from service.server import build_server
+    from service.edge.logs import configure_logging
+    from service.edge.server import build_server
 
     settings = _settings_or_exit(args, _serve_fields())
     if settings is None:

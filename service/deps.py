@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.caller import Caller
+from service.edge.caller import Caller
 from service.state import ServiceState
 
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from engine.errors import InvalidRequestError, UnsupportedSizeError
-from service.logs import current_request, request_id
+from service.edge.logs import current_request, request_id
 from service.metrics import NO_MODEL, ServiceMetrics
 
 logger = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 from starlette.types import Message
 
 from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo
-from service.batcher import BatchKey, ItemResult, MicroBatcher
-from service.caller import Caller
+from service.edge.caller import Caller
+from service.edge.logs import annotate, request_id
 from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
 from service.images import OutputFormat, encode_image
-from service.logs import annotate, request_id
 from service.metrics import IMAGE_ENCODE
 from service.models import ServedModel
+from service.scheduling.batcher import BatchKey, ItemResult, MicroBatcher
 from service.settings import PromptPolicy, Settings
 from service.state import ServiceState
 

@@ -109,7 +109,7 @@ class ServiceMetrics:
             ["model"],
             registry=r,
         )
-        # Connections (service.connections): how close the server is to TIUE_MAX_CONNECTIONS, what it sheds.
+        # Connections (service.edge.connections): how close the server is to TIUE_MAX_CONNECTIONS, what it sheds.
         self.open_connections = Gauge("tiue_open_connections", "TCP connections open now.", registry=r)
         self.connections_refused = Counter(
             "tiue_connections_refused",

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from engine.types import ModelInfo
-from service.cost import CostModel
 from service.errors import ModelNotFound
 from service.protocol import Pipeline, PipelineFactory
+from service.scheduling.cost import CostModel
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig, available_cpus
 from engine.types import BackendName, Decoder, Precision, TorchCompile
-from service.logs import LogFormat
+from service.edge.logs import LogFormat
 
 
 class PromptPolicy(str, Enum):
@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         description="after SIGTERM: how long queued and running work may take before it is answered 503",
     )
 
-    # Connections (service.server, service.connections): bounds that hold behind a load balancer and
+    # Connections (service.edge.server, service.edge.connections): bounds that hold behind a load balancer and
     # against slow or idle clients. The timeouts are uvicorn's missing ones; docs/api.md, Connections.
     max_connections: int = Field(
         default_factory=default_max_connections,
@@ -171,7 +171,7 @@ class Settings(BaseSettings):
         description="how long an idle kept-alive connection stays open; above the load balancer's idle timeout",
     )
 
-    # Admission by cost: estimated device seconds (service.cost), not request counts.
+    # Admission by cost: estimated device seconds (service.scheduling.cost), not request counts.
     max_queue_s: float | None = Field(
         default=None,
         gt=0,

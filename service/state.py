@@ -11,14 +11,14 @@ from contextlib import contextmanager, suppress
 from enum import Enum
 from typing import TypeVar
 
-from service.admission import Admission
-from service.auth import ApiKeys
-from service.batcher import MicroBatcher
+from service.edge.auth import ApiKeys
 from service.errors import ModelNotFound, NotReady, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.models import Models, ModelSpec, ServedModel
+from service.scheduling.admission import Admission
+from service.scheduling.batcher import MicroBatcher
+from service.scheduling.worker import DeviceWorker
 from service.settings import Settings
-from service.worker import DeviceWorker
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import Response
 
-from service.auth import bearer_scheme
 from service.deps import CallerDep, State
+from service.edge.auth import bearer_scheme
 from service.errors import NotAcceptable, UnsupportedMediaType
 from service.generation import (
     Job,

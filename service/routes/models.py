@@ -11,8 +11,8 @@ from fastapi import APIRouter, Security
 from pydantic import BaseModel, Field
 
 from engine.types import Decoder
-from service.auth import bearer_scheme
 from service.deps import State
+from service.edge.auth import bearer_scheme
 from service.models import ServedModel
 from service.schemas import ErrorResponse
 

@@ -1,4 +1,4 @@
-"""`python tests/service/fake_server.py`: the real server (service.server) with the fake engine, in its own
+"""`python tests/service/fake_server.py`: the real server (service.edge.server) with the fake engine, in its own
 process, for tests that send it signals or starve it of file descriptors. Settings from TIUE_* variables.
 
 Prints `port N` on stdout once ready (after `--leave-fds`: once only that many descriptors are free),
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parents[2]))
 from fakes import FakeEngine  # noqa: E402
 
 from service.app import create_app  # noqa: E402
-from service.server import build_server  # noqa: E402
+from service.edge.server import build_server  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Test helpers for the server as deployed (service.server on 127.0.0.1): in this process, or in its own."""
+"""Test helpers for the server as deployed (service.edge.server on 127.0.0.1): in this process, or in its own."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fakes import FakeEngine, make_settings, wait_until
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.server import TiueServer, build_server
+from service.edge.server import TiueServer, build_server
 from service.state import ServiceState
 
 

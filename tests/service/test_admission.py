@@ -9,10 +9,10 @@ from functools import partial
 import pytest
 
 from engine.types import GenerationRequest
-from service.admission import Admission, RateLimiter
-from service.batcher import MicroBatcher
-from service.cost import CostModel
 from service.errors import QueueFull, RateLimited, TooCostly
+from service.scheduling.admission import Admission, RateLimiter
+from service.scheduling.batcher import MicroBatcher
+from service.scheduling.cost import CostModel
 from service.settings import Settings
 
 NATIVE = (64, 64)

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from engine.types import GenerationRequest
-from service.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, RecentPeak
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+from service.scheduling.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, RecentPeak
 
 SMALL = (64, 64)
 WIDE = (128, 64)

@@ -1,4 +1,4 @@
-"""Connection limits over real TCP (service.server on 127.0.0.1): slow and idle clients are cut off, the
+"""Connection limits over real TCP (service.edge.server on 127.0.0.1): slow and idle clients are cut off, the
 connection and in-flight caps hold, and running out of file descriptors is one log line, not a flood."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from fakes import FakeEngine, wait_until
 from serving import fake_server_process, get, raw_connection, read_until_closed, tiue_server, wait_for_exit
 
-from service.connections import PROBE_SLOTS
+from service.edge.connections import PROBE_SLOTS
 
 GOOD = {"prompt": "a red circle"}
 

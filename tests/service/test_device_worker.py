@@ -12,11 +12,11 @@ import pytest
 from fakes import FAKE_INFO, FakeEngine, wait_until
 
 from engine.types import BatchResult, GenerationRequest
-from service.batcher import BatchKey, MicroBatcher
 from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.models import Models, ServedModel
-from service.worker import DeviceWorker
+from service.scheduling.batcher import BatchKey, MicroBatcher
+from service.scheduling.worker import DeviceWorker
 
 SIZE = (64, 64)
 KEY = BatchKey(FAKE_INFO.name, *SIZE)
@@ -69,7 +69,7 @@ async def test_a_failing_batch_fails_all_its_requests_and_only_them(caplog: pyte
     doomed = [batcher.submit(KEY, reqs(1, seed=666 + i), deadline())[0] for i in range(3)]
     await engine.wait_entered()
     survivor = batcher.submit(KEY, reqs(1, seed=1), deadline())[0]
-    with caplog.at_level(logging.ERROR, logger="service.worker"):
+    with caplog.at_level(logging.ERROR, logger="service.scheduling.worker"):
         engine.gate.set()
         outcomes = await asyncio.gather(*doomed, return_exceptions=True)
     assert all(isinstance(outcome, BatchFailed) for outcome in outcomes)
@@ -90,7 +90,7 @@ class ShortEngine(FakeEngine):
 
 async def test_result_count_is_checked(caplog: pytest.LogCaptureFixture) -> None:
     batcher, worker = setup(ShortEngine(), max_batch=2, wait_s=10.0)
-    with caplog.at_level(logging.ERROR, logger="service.worker"):
+    with caplog.at_level(logging.ERROR, logger="service.scheduling.worker"):
         futures = batcher.submit(KEY, reqs(2), deadline())
         with pytest.raises(BatchFailed):
             await asyncio.wait_for(futures[0], 5)

@@ -24,7 +24,7 @@ from fakes import FakeEngine, serve, wait_until
 from test_uvicorn_e2e import uvicorn_serving
 
 from service.cli import build_parser, serve_settings
-from service.logs import LogFormat, RequestRecord, configure_logging, log_access, make_handler
+from service.edge.logs import LogFormat, RequestRecord, configure_logging, log_access, make_handler
 from service.settings import Settings
 
 HERE = Path(__file__).parent

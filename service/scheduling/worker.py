@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.types import DEVICE_STAGES, BatchResult, GenerationRequest
-from service.batcher import Batch, BatcherClosed, BatchKey, ItemResult, MicroBatcher, WorkItem
 from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.models import Models, ServedModel
+from service.scheduling.batcher import Batch, BatcherClosed, BatchKey, ItemResult, MicroBatcher, WorkItem
 
 logger = logging.getLogger(__name__)
 

@@ -42,5 +42,5 @@ class ApiKeys:
         return f"key:{given.hex()[:12]}"
 
 
-# For the OpenAPI schema only: service.caller.ClientMiddleware checks the key before the body is read.
+# For the OpenAPI schema only: service.edge.caller.ClientMiddleware checks the key before the body is read.
 bearer_scheme = HTTPBearer(auto_error=False, description="one of TIUE_API_KEYS, when the server sets any")

@@ -1,4 +1,4 @@
-"""Running the app under uvicorn: connection limits (service.connections), the open-file limit, and the
+"""Running the app under uvicorn: connection limits (service.edge.connections), the open-file limit, and the
 shutdown docs/api.md promises: keep serving 503s while queued work drains, then 503 JSON, never a 500."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.connections import ConnectionGuard, protocol_class
+from service.edge.connections import ConnectionGuard, protocol_class
 from service.routes import health
 from service.settings import FD_RESERVE, Settings
 from service.state import ServiceState
@@ -121,7 +121,7 @@ def build_server(app: FastAPI, settings: Settings) -> TiueServer:
         lifespan="on",
         log_config=None,
         log_level=settings.log_level.value,
-        access_log=False,  # the service writes its own access line, with the request ID (service.logs)
+        access_log=False,  # the service writes its own access line, with the request ID (service.edge.logs)
         http=protocol_class(guard),
         ws="none",  # no websocket routes; an upgraded connection would leave the guard's count
         # Both only reach loop.call_later / asyncio.wait_for, which take float seconds (0.5 stays 0.5).

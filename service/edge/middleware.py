@@ -11,10 +11,10 @@ from contextlib import AbstractContextManager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.edge.logs import RequestRecord, log_access, request_context
+from service.edge.paths import RoutePaths
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, error_response
-from service.logs import RequestRecord, log_access, request_context
 from service.metrics import ServiceMetrics
-from service.paths import RoutePaths
 
 
 class RequestMetricsMiddleware:

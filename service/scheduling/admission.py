@@ -15,9 +15,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.batcher import MicroBatcher
-from service.cost import CostModel, Size
 from service.errors import QueueFull, RateLimited, TooCostly
+from service.scheduling.batcher import MicroBatcher
+from service.scheduling.cost import CostModel, Size
 from service.settings import Settings
 
 _MAX_BUCKETS = 10_000  # clients remembered by the rate limiter; the least recently seen go first

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth import ApiKeys
+from service.edge.auth import ApiKeys
 from service.errors import ServiceError, error_response
 from service.metrics import ServiceMetrics
 

@@ -19,7 +19,7 @@ JsonObject = dict[str, Any]
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _FASTAPI_422 = {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}
 
-# What each error status means at this server's edge (service/errors.py, service/middleware.py).
+# What each error status means at this server's edge (service/errors.py, service/edge/middleware.py).
 ERROR_DESCRIPTIONS: dict[str, str] = {
     "400": "The body is not valid JSON (or not UTF-8).",
     "401": "API keys are configured and the request carries none, or a wrong one.",
@@ -47,8 +47,8 @@ _RETRY_AFTER = {
     "description": "Seconds to wait before retrying.",
     "schema": {"type": "integer", "minimum": 1},
 }
-# On every answer the app makes (service.middleware): the caller's own ID when it is a sane token, else a
-# new one. Not required: the answers the connection guard writes itself (service.connections: over the
+# On every answer the app makes (service.edge.middleware): the caller's own ID when it is a sane token, else a
+# new one. Not required: the answers the connection guard writes itself (service.edge.connections: over the
 # connection cap, a header timeout, a request cut off by shutdown) are made outside the app and carry none.
 _REQUEST_ID = {
     "X-Request-ID": {
