@@ -371,7 +371,8 @@ def run_tensorrt(check: Check) -> None:
         check.note("tensorrt needs a GPU; skipped")
         return
     from engine.backends.tensorrt_backend import _EngineRunner
-    from engine.export.tensorrt_build import build_engine, make_logger
+    from engine.backends.tensorrt_runtime import make_logger
+    from engine.export.tensorrt_build import build_engine
 
     components, dims, profile = stand_in(check)
     precision = Precision.FP16 if check.dtype == torch.float16 else Precision.FP32

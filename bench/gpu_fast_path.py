@@ -320,7 +320,7 @@ def child(spec: dict[str, Any]) -> int:
 
 
 def _default_factory() -> Any:
-    from engine.backends import create_backend
+    from engine.pipeline import create_backend
 
     return create_backend
 

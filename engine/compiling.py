@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from engine.config import EngineConfig
-from engine.loading import cache_root
+from engine.files import cache_root
 from engine.types import TorchCompile
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ _MODES = {
 
 
 def cache_dir(config: EngineConfig) -> Path:
-    return config.compile_cache_dir or cache_root() / "compile"
+    return config.compile_cache_dir or cache_root(config.cache_dir) / "compile"
 
 
 def warm_passes(mode: TorchCompile) -> int:

@@ -4,34 +4,117 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from engine.types import BackendName, Decoder, Precision, TorchCompile
 
 
+class Scope(str, Enum):
+    """Which commands read a setting: every command that loads the model (`tiue export` too), those that
+    also find or build compiled artefacts (`tiue build-engines`), or only those that run it."""
+
+    MODEL = "model"
+    ARTEFACTS = "artefacts"
+    RUN = "run"
+
+
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    scope: Scope = Scope.RUN,
+    factory: Callable[[], Any] | None = None,
+    **bounds: float,
+) -> Any:
+    """A field of EngineConfig with what the service's settings and the command line derive from it:
+    its description, the commands that take it, and bounds (`ge`, `le`) a value must keep."""
+    metadata = {"help": help, "scope": scope, "bounds": bounds}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model_dir: Path | None = None  # None: the embedded default model
-    backend: BackendName = BackendName.TORCH
-    device: str = "cpu"
-    precision: Precision = Precision.FP32
-    steps: int = 4
-    engine_dir: Path | None = None  # cache of compiled artefacts (ONNX graphs, TensorRT engines)
-    build_engines: bool = False  # compiled backends: build a missing engine at load instead of failing
-    torch_compile: TorchCompile = TorchCompile.OFF  # torch backend: compile each warmed bucket statically
-    compile_cache_dir: Path | None = None  # inductor/Triton caches; None: the cache root's compile/
-    warm_batch_sizes: tuple[int, ...] = ()  # compiled batch buckets; (): powers of two and the maximum
-    warm_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) warmed; (): the native size
-    max_batch_size: int = 8  # images per denoiser call; compiled profiles are sized from it
-    threads: int = 0  # CPU intra-op threads for torch and onnxruntime; 0 keeps the library default
-    decoder: Decoder = Decoder.FULL  # the decoder of requests that name none
-    tiny_decoder_dir: Path | None = None  # an AutoencoderTiny folder; None: <model>/vae_tiny when present
+    """The engine's settings, declared once: `service.settings.Settings` reads each from its TIUE_*
+    variable and the `tiue` commands make a flag of each (service.cli), with these defaults."""
+
+    model_dir: Path | None = setting(
+        None, "a diffusers pipeline folder (unset: the embedded default model)", scope=Scope.MODEL
+    )
+    backend: BackendName = setting(BackendName.TORCH, "what runs the model", scope=Scope.ARTEFACTS)
+    device: str = setting("cpu", "cpu, cuda, cuda:1, ...", scope=Scope.MODEL)
+    precision: Precision = setting(Precision.FP32, "weights and activations", scope=Scope.MODEL)
+    steps: int = setting(4, "TiUE decoder steps", scope=Scope.MODEL, ge=1, le=50)
+    engine_dir: Path | None = setting(
+        None, "compiled-artefact cache (unset: the cache root's engines/)", scope=Scope.ARTEFACTS
+    )
+    cache_dir: Path | None = setting(
+        None,
+        "root of what the engine generates: engines/, compile/, the file-hash memo (unset: "
+        "$XDG_CACHE_HOME/tiue-serve, else ~/.cache/tiue-serve)",
+        scope=Scope.MODEL,
+    )
+    build_engines: bool = setting(
+        False, "compiled backends: build missing artefacts at load instead of refusing"
+    )
+    torch_compile: TorchCompile = setting(
+        TorchCompile.OFF,
+        "torch backend: compile the denoiser and decoders for each warmed batch size and size before the "
+        "server is ready (reduce-overhead: CUDA graphs too; true/false: default/off)",
+    )
+    compile_cache_dir: Path | None = setting(
+        None,
+        "torch.compile's inductor/Triton caches, kept across restarts (unset: the cache root's compile/)",
+    )
+    warm_batch_sizes: tuple[int, ...] = setting(
+        (),
+        "batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next (unset: powers "
+        "of two below max_batch_size, and max_batch_size)",
+    )
+    warm_sizes: tuple[tuple[int, int], ...] = setting(
+        (), "image sizes warmed (compiled) before ready, comma-separated WxH or N (unset: the native size)"
+    )
+    max_batch_size: int = setting(
+        4, "images per engine call; compiled profiles are sized from it", scope=Scope.MODEL, ge=1, le=256
+    )
+    threads: int = setting(
+        help="CPU intra-op threads for torch and onnxruntime (unset: the container's CPU limit, else the "
+        "usable CPUs; 0: the library's own default)",
+        factory=lambda: available_cpus(),
+        ge=0,
+        le=256,
+    )
+    decoder: Decoder = setting(
+        Decoder.FULL,
+        "the decoder of requests that name none: full (the model's VAE) or tiny (its AutoencoderTiny; "
+        "the server fails to start without one)",
+        scope=Scope.MODEL,
+    )
+    tiny_decoder_dir: Path | None = setting(
+        None,
+        "a diffusers AutoencoderTiny folder to use as the tiny decoder (unset: <model>/vae_tiny when "
+        "present); checked against the model's VAE at load",
+        scope=Scope.MODEL,
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.torch_compile, bool):  # the old boolean: true is the default mode
-            mode = TorchCompile.DEFAULT if self.torch_compile else TorchCompile.OFF
-            object.__setattr__(self, "torch_compile", mode)
+        object.__setattr__(self, "torch_compile", TorchCompile.parse(self.torch_compile))
+        outside = sorted(b for b in self.warm_batch_sizes if not 1 <= b <= self.max_batch_size)
+        if outside:
+            raise ValueError(
+                f"warm batch sizes {outside} are outside 1..max_batch_size ({self.max_batch_size}); give "
+                "sizes within 1..max_batch_size, or raise max_batch_size"
+            )
+
+    @classmethod
+    def names(cls, *scopes: Scope) -> tuple[str, ...]:
+        """The fields read by commands of these scopes (all fields when none is named), in order."""
+        return tuple(f.name for f in fields(cls) if not scopes or f.metadata["scope"] in scopes)
 
     @property
     def compiles(self) -> bool:
@@ -45,11 +128,6 @@ class EngineConfig:
         if not self.compiles:
             return ()
         sizes = set(self.warm_batch_sizes) or {2**i for i in range(16) if 2**i < self.max_batch_size}
-        outside = sorted(b for b in sizes if not 1 <= b <= self.max_batch_size)
-        if outside:
-            raise ValueError(
-                f"warm batch sizes {outside} are outside 1..max_batch_size ({self.max_batch_size})"
-            )
         return tuple(sorted(sizes | {self.max_batch_size}))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -19,19 +18,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from engine.config import EngineConfig
 from engine.denoiser import check_unet_supported
 from engine.errors import ModelLoadError
+from engine.files import COMPONENTS, TINY_DECODER, folder_content_hash
 from engine.schedule import DDIMChain
 from engine.types import Decoder
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = {
-    "unet": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "tokenizer": None,
-    "scheduler": "scheduler_config.json",
-}
-TINY_DECODER = "vae_tiny"  # an optional AutoencoderTiny beside the VAE in a pipeline folder
 SHIPPED_DEFAULT = Path(__file__).parent / "default_model"
 
 
@@ -63,8 +55,6 @@ _SHARED_LOCK = threading.Lock()
 def shared_module(folder: Path, dtype: torch.dtype, device: str | torch.device, load: Callable[[], M]) -> M:
     """`load()`'s module, or the one already loaded from a folder with the same bytes, dtype and device
     (a VAE or text encoder two models share). Shared modules are inference-only: never changed in place."""
-    from engine.export.cache import folder_content_hash  # that module imports this one
-
     key = (folder_content_hash(folder), str(dtype), str(torch.device(device)))
     with _SHARED_LOCK:
         module = _SHARED.get(key)
@@ -74,13 +64,6 @@ def shared_module(folder: Path, dtype: torch.dtype, device: str | torch.device, 
         else:
             log.info("%s is byte-identical to a component already loaded: sharing its module", folder)
     return cast(M, module)
-
-
-def cache_root() -> Path:
-    """Where generated artefacts live: $TIUE_CACHE_DIR, else $XDG_CACHE_HOME/tiue-serve, else ~/.cache/tiue-serve."""
-    if os.environ.get("TIUE_CACHE_DIR"):
-        return Path(os.environ["TIUE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiue-serve"
 
 
 def default_model_dir() -> Path:

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from engine import compiling
-from engine.backends import Backend, create_backend
+from engine.backends import Backend, backend_class
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSizeError
+from engine.export.artefacts import backend_artefacts
 from engine.export.profiles import ModelDims
 from engine.loading import Components, load_configured
 from engine.types import (
@@ -263,6 +264,15 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def create_backend(components: Components, config: EngineConfig) -> Backend:
+    """The backend the config names, refused before anything is looked up or built when it cannot run
+    here (e.g. no GPU), then handed the artefacts it runs."""
+    cls = backend_class(config.backend)
+    cls.check_runnable(config)
+    backend: Backend = cls(components, config, backend_artefacts(components, config))
+    return backend
 
 
 def load_pipeline(

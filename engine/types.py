@@ -37,6 +37,26 @@ class TorchCompile(str, Enum):
     MAX_AUTOTUNE = "max-autotune"  # longer compiles, autotuned kernels
     REDUCE_OVERHEAD = "reduce-overhead"  # CUDA graphs: one launch per stage (a GPU only)
 
+    @classmethod
+    def parse(cls, value: object) -> TorchCompile:
+        """A mode, its name in any case, or the setting's old boolean: true (1, yes, on) is the default
+        mode, false (0, no) is off. Anything else names the choices."""
+        if isinstance(value, bool):
+            return cls.DEFAULT if value else cls.OFF
+        if isinstance(value, str):
+            text = value.strip().lower()
+            value = _LEGACY_COMPILE.get(text, text)
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(mode.value for mode in cls)
+            raise ValueError(f"torch_compile {value!r} is not one of: {choices}") from None
+
+
+_LEGACY_COMPILE = {"true": "default", "1": "default", "yes": "default", "on": "default"} | dict.fromkeys(
+    ("false", "0", "no"), "off"
+)
+
 
 class Decoder(str, Enum):
     """Which decoder turns latents into pixels: the model's VAE, or a TAESD-layout `AutoencoderTiny`."""

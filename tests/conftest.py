@@ -17,8 +17,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Engine caches (compiled graphs, the file-hash memo) go to a per-run folder, never the user's cache."""
+    """Engine caches (compiled graphs, the file-hash memo) go to a per-run folder, never the user's cache:
+    TIUE_CACHE_DIR for what reads the settings (servers, the CLI), XDG_CACHE_HOME for an EngineConfig
+    built in a test (its default cache root)."""
     os.environ["TIUE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tiue-cache"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
 @pytest.fixture(scope="session", params=["sd15", "sd21"])

@@ -1,14 +1,16 @@
-"""Backends chosen by name from settings; each lives in its own module and is imported only when chosen."""
+"""Backends chosen by name from settings; each lives in its own module and is imported only when chosen.
+
+Backends run what they are handed: which artefacts, found or built, is decided in loading
+(engine.pipeline.create_backend, engine.export.artefacts), never here.
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
-from engine.backends.base import Backend
-from engine.config import EngineConfig
+from engine.backends.base import Artefacts, Backend
 from engine.errors import BackendUnavailableError
-from engine.export.artefacts import backend_artefacts
-from engine.loading import Components
 from engine.types import BackendName
 
 _MODULES = {
@@ -18,17 +20,15 @@ _MODULES = {
 }
 
 
-def create_backend(components: Components, config: EngineConfig) -> Backend:
-    """The backend named by the config, handed the artefacts it runs (engine.export.artefacts)."""
-    module_name, class_name = _MODULES[BackendName(config.backend)]
+def backend_class(name: BackendName) -> Any:
+    """The class of the backend called `name` (a `Backend`); BackendUnavailableError when its module
+    cannot be imported here."""
+    module_name, class_name = _MODULES[BackendName(name)]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BackendUnavailableError(f"backend {config.backend.value!r} cannot run here: {exc}") from exc
-    backend_class = getattr(module, class_name)
-    backend_class.check_runnable(config)  # e.g. no GPU: refused before anything is looked up or built
-    backend: Backend = backend_class(components, config, backend_artefacts(components, config))
-    return backend
+        raise BackendUnavailableError(f"backend {BackendName(name).value!r} cannot run here: {exc}") from exc
+    return getattr(module, class_name)
 
 
-__all__ = ["Backend", "create_backend"]
+__all__ = ["Artefacts", "Backend", "backend_class"]

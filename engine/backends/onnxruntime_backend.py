@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.backends.base import Artefacts
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
-from engine.export.artefacts import artefact_files
-from engine.export.cache import Entry
 from engine.export.contracts import DECODER_CONTRACTS, DENOISER, TEXT_ENCODER
 from engine.export.profiles import ModelDims, outside_profiles
 from engine.loading import Components
@@ -62,8 +61,8 @@ class OnnxRuntimeBackend:
     def check_runnable(config: EngineConfig) -> None:
         _providers(_import_onnxruntime(), torch.device(config.device))
 
-    def __init__(self, components: Components, config: EngineConfig, artefacts: Entry | None):
-        """`artefacts`: the ONNX graphs' cache entry (engine.export.artefacts decides which)."""
+    def __init__(self, components: Components, config: EngineConfig, artefacts: Artefacts | None):
+        """`artefacts`: the ONNX graphs to run (engine.export.artefacts decides which)."""
         if artefacts is None:
             raise BackendUnavailableError(
                 "the onnxruntime backend runs exported ONNX graphs, and none were given"
@@ -75,16 +74,15 @@ class OnnxRuntimeBackend:
         providers = _providers(ort, self.device)
         self.dims = ModelDims.from_components(components)
         started = time.perf_counter()
-        entry = artefacts
-        self.artefacts = entry.path
-        self.profiles = entry.key.profiles
+        self.artefacts = artefacts.folder
+        self.profiles = artefacts.profiles
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3  # constant-folding notes about fp16 on the CPU are noise
         self.contracts = {}
         self.sessions = {}
-        for name, (contract, path) in artefact_files(entry, components).items():
+        for name, (contract, path) in artefacts.graphs.items():
             self.contracts[name] = contract
             self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
@@ -99,7 +97,7 @@ class OnnxRuntimeBackend:
             ort.__version__,
             self.device,
             wanted,
-            entry.path,
+            artefacts.folder,
             time.perf_counter() - started,
         )
 

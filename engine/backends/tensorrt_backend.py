@@ -16,14 +16,18 @@ from typing import Any
 
 import torch
 
+from engine.backends.base import Artefacts
+from engine.backends.tensorrt_runtime import gpu_identity, import_tensorrt, make_logger
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
-from engine.export.artefacts import artefact_files
-from engine.export.cache import Entry
-from engine.export.contracts import DECODER_CONTRACTS, DENOISER, TEXT_ENCODER, ComponentContract
-from engine.export.onnx_export import EXPORT_PRECISIONS
+from engine.export.contracts import (
+    DECODER_CONTRACTS,
+    DENOISER,
+    EXPORT_PRECISIONS,
+    TEXT_ENCODER,
+    ComponentContract,
+)
 from engine.export.profiles import ModelDims, outside_profiles
-from engine.export.tensorrt_build import gpu_identity, import_tensorrt, make_logger
 from engine.loading import Components
 from engine.types import Decoder
 
@@ -205,8 +209,8 @@ class TensorRTBackend:
                 f"the tensorrt backend runs fp32 or fp16, not {config.precision.value}; pass --precision fp16"
             )
 
-    def __init__(self, components: Components, config: EngineConfig, artefacts: Entry | None):
-        """`artefacts`: the engines' cache entry, for this GPU and TensorRT (engine.export.artefacts)."""
+    def __init__(self, components: Components, config: EngineConfig, artefacts: Artefacts | None):
+        """`artefacts`: the engines, for this GPU and TensorRT (engine.export.artefacts decides which)."""
         self.check_runnable(config)
         if artefacts is None:
             raise BackendUnavailableError("the tensorrt backend runs built engines, and none were given")
@@ -216,15 +220,14 @@ class TensorRTBackend:
         self.dims = ModelDims.from_components(components)
         started = time.perf_counter()
         gpu = gpu_identity(self.device)
-        entry = artefacts
-        self.artefacts = entry.path
-        self.profiles = entry.key.profiles
+        self.artefacts = artefacts.folder
+        self.profiles = artefacts.profiles
         torch.cuda.set_device(self.device)
         runtime = trt.Runtime(make_logger(trt))
         self.stream = torch.cuda.Stream(self.device)
         self.runners = {
             name: _EngineRunner(trt, runtime, path.read_bytes(), contract, self.device, self.stream)
-            for name, (contract, path) in artefact_files(entry, components).items()
+            for name, (contract, path) in artefacts.graphs.items()
         }
         log.info(
             "%s %s on %s (%s) from %s in %.1fs",
@@ -232,7 +235,7 @@ class TensorRTBackend:
             trt.__version__,
             gpu[1],
             gpu[0],
-            entry.path,
+            artefacts.folder,
             time.perf_counter() - started,
         )
 

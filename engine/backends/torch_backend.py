@@ -5,36 +5,18 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
 
 from engine import compiling
+from engine.backends.base import Artefacts
 from engine.config import EngineConfig
 from engine.denoiser import TiUEDenoiser
 from engine.errors import BackendUnavailableError
-from engine.export.cache import Entry
+from engine.graphs import DecoderGraph, TextEncoderGraph
 from engine.loading import Components
 from engine.types import Decoder, TorchCompile
 
 log = logging.getLogger(__name__)
-
-
-class _Decoder(nn.Module):
-    def __init__(self, vae: AutoencoderKL | AutoencoderTiny):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents).sample
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, text_encoder: nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0]
 
 
 class TorchBackend:
@@ -56,12 +38,12 @@ class TorchBackend:
         self,
         components: Components,
         config: EngineConfig,
-        artefacts: Entry | None = None,
+        artefacts: Artefacts | None = None,
         denoiser: nn.Module | None = None,  # instead of the TiUE one-pass (benchmarks: a looped student)
     ):
         self.device = torch.device(config.device)
         self.dtype = config.precision.torch_dtype
-        self.text_encoder: nn.Module = _TextEncoder(components.text_encoder)
+        self.text_encoder: nn.Module = TextEncoderGraph(components.text_encoder)
         self.denoiser: nn.Module = (
             denoiser
             if denoiser is not None
@@ -70,7 +52,7 @@ class TorchBackend:
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         autoencoders = {Decoder.FULL: components.vae, Decoder.TINY: components.vae_tiny}
         self.decoders: dict[Decoder, nn.Module] = {
-            d: _Decoder(vae) for d, vae in autoencoders.items() if vae is not None
+            d: DecoderGraph(vae) for d, vae in autoencoders.items() if vae is not None
         }
         if self.device.type == "cuda":
             components.unet.to(memory_format=torch.channels_last)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.backends.base import Artefacts
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError
 from engine.export.cache import Entry
@@ -13,18 +14,21 @@ from engine.loading import Components
 from engine.types import BackendName
 
 
-def backend_artefacts(components: Components, config: EngineConfig) -> Entry | None:
-    """None for torch (it runs the modules themselves); the cache entry for a compiled backend."""
+def backend_artefacts(components: Components, config: EngineConfig) -> Artefacts | None:
+    """None for torch (it runs the modules themselves); the graphs of the cache entry a compiled
+    backend runs."""
     if config.backend is BackendName.TORCH:
         return None
     from engine.export.onnx_export import ensure_onnx
 
     if config.backend is BackendName.ONNXRUNTIME:
-        return ensure_onnx(components, config)
-    from engine.export.tensorrt_build import ensure_tensorrt, tensorrt_target
+        entry = ensure_onnx(components, config)
+    else:
+        from engine.export.tensorrt_build import ensure_tensorrt, tensorrt_target
 
-    trt, gpu = tensorrt_target(config.device)
-    return ensure_tensorrt(components, config, trt, gpu)
+        trt, gpu = tensorrt_target(config.device)
+        entry = ensure_tensorrt(components, config, trt, gpu)
+    return Artefacts(entry.path, entry.key.profiles, artefact_files(entry, components))
 
 
 def artefact_files(entry: Entry, components: Components) -> dict[str, tuple[ComponentContract, Path]]:

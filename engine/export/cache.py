@@ -8,7 +8,6 @@ weights, in another precision, by another library version or for another GPU is 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,87 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError
 from engine.export.profiles import Profile
-from engine.loading import COMPONENTS, TINY_DECODER, Components, cache_root
+from engine.files import cache_root, file_sha256, model_content_hash, write_atomic
+from engine.loading import Components
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-_CHUNK = 1 << 22
-
-
-# -- model content hash -----------------------------------------------------------------------
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _model_files(model_dir: Path) -> list[Path]:
-    """The files that shape the graphs: model_index.json and the component folders the engine loads
-    (a safety checker or README beside them does not change an engine)."""
-    files = [model_dir / "model_index.json"]
-    for name in (*COMPONENTS, TINY_DECODER):
-        folder = model_dir / name
-        if folder.is_dir():
-            files += [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    return sorted(f for f in files if f.is_file())
 
 
 def components_hash(components: Components, memo_path: Path | None = None) -> str:
     """The content hash of what was loaded: the model folder, and a tiny decoder from elsewhere."""
     return model_content_hash(components.path, memo_path, components.vae_tiny_path)
-
-
-def model_content_hash(
-    model_dir: Path, memo_path: Path | None = None, tiny_decoder_dir: Path | None = None
-) -> str:
-    """sha256 over the relative path and content hash of each model file (and of the files of a
-    tiny decoder folder outside the model's, when one is named).
-
-    Per-file hashes are remembered by (size, mtime) in `memo_path` (default: in the cache root) so a
-    multi-GB checkpoint is read once; the memo is best-effort and never required.
-    """
-    model_dir = Path(model_dir).resolve()
-    memo_path = memo_path or cache_root() / "file-hashes.json"
-    try:
-        memo: dict[str, list[Any]] = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    total, changed = hashlib.sha256(), False
-    named = [(path, path.relative_to(model_dir).as_posix()) for path in _model_files(model_dir)]
-    if tiny_decoder_dir is not None and not Path(tiny_decoder_dir).resolve().is_relative_to(model_dir):
-        tiny = Path(tiny_decoder_dir).resolve()
-        files = sorted(p for p in tiny.rglob("*") if p.is_file() and not p.name.startswith("."))
-        named += [(p, f"<tiny decoder>/{p.relative_to(tiny).as_posix()}") for p in files]
-    for path, label in named:
-        st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-        remembered = memo.get(str(path))
-        if remembered and remembered[:2] == stamp:
-            file_hash = str(remembered[2])
-        else:
-            file_hash = _file_sha256(path)
-            memo[str(path)], changed = [*stamp, file_hash], True
-        total.update(f"{label}\0{file_hash}\n".encode())
-    if changed:
-        with contextlib.suppress(OSError):
-            write_atomic(memo_path, json.dumps(memo, indent=0).encode())
-    return total.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # -- the key ---------------------------------------------------------------------------------------
@@ -199,7 +132,7 @@ class Entry:
 
 
 def describe_file(path: Path) -> dict[str, Any]:
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 class ArtefactStore:
@@ -304,9 +237,14 @@ class ArtefactStore:
 # -- lookup for the backends ---------------------------------------------------------------------
 
 
-def engine_store(engine_dir: Path | None) -> ArtefactStore:
+def engine_store(config: EngineConfig) -> ArtefactStore:
     """The configured engine folder, else `<cache root>/engines`."""
-    return ArtefactStore(Path(engine_dir) if engine_dir is not None else cache_root() / "engines")
+    return ArtefactStore(config.engine_dir or cache_root(config.cache_dir) / "engines")
+
+
+def config_hash(components: Components, config: EngineConfig) -> str:
+    """`components_hash`, its per-file memo in the configured cache root."""
+    return components_hash(components, cache_root(config.cache_dir) / "file-hashes.json")
 
 
 def batch_acceptor(max_batch_size: int) -> Callable[[Entry], str | None]:
@@ -343,13 +281,3 @@ def find_or_build(
     entry = build()
     log.info("built %s in %.1fs", entry.path, time.perf_counter() - started)
     return entry
-
-
-def folder_content_hash(folder: Path) -> str:
-    """sha256 over the relative path and content hash of each file in one folder (a component such
-    as `vae/`): equal for byte-identical copies wherever they live."""
-    folder = Path(folder)
-    total = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        total.update(f"{path.relative_to(folder).as_posix()}\0{_file_sha256(path)}\n".encode())
-    return total.hexdigest()

@@ -43,14 +43,15 @@ def _report(entry: Entry, verb: str) -> None:
 
 def export_graphs(config: EngineConfig, out: Path, batch: Range | None, sizes: list[str] | None) -> int:
     from engine.errors import EngineError
-    from engine.export.cache import ArtefactStore
+    from engine.export.cache import ArtefactStore, config_hash
     from engine.export.onnx_export import export_onnx_entry
     from engine.export.profiles import ModelDims, profiles_from_specs
 
     try:
         components = _load(config)
         profiles = profiles_from_specs(sizes, batch, ModelDims.from_components(components))
-        entry = export_onnx_entry(ArtefactStore(out), components, config.precision, profiles)
+        model_hash = config_hash(components, config)
+        entry = export_onnx_entry(ArtefactStore(out), components, config.precision, profiles, model_hash)
     except (EngineError, ValueError) as exc:
         sys.stderr.write(f"tiue export: {exc}\n")
         return 2 if isinstance(exc, ValueError) else 1

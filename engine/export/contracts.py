@@ -11,17 +11,18 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
 
 from engine.denoiser import TiUEDenoiser
 from engine.export.profiles import ModelDims, Profile
+from engine.graphs import DecoderGraph, TextEncoderGraph
 from engine.loading import Components
 from engine.types import Decoder, Precision
 
 TEXT_ENCODER, DENOISER, VAE_DECODER = "text_encoder", "denoiser", "vae_decoder"
 VAE_DECODER_TINY = "vae_decoder_tiny"  # exported only for a model with a tiny decoder
 DECODER_CONTRACTS = {Decoder.FULL: VAE_DECODER, Decoder.TINY: VAE_DECODER_TINY}
+EXPORT_PRECISIONS = (Precision.FP32, Precision.FP16)  # what ONNX graphs and TensorRT engines are built in
 DYNAMIC_DIMS = frozenset({"batch", "height", "width", "image_height", "image_width"})
 
 Shape = tuple[int, ...]
@@ -41,29 +42,6 @@ class TensorSpec:
         return tuple(dims[d] for d in self.dims)
 
 
-class _TextEncoderGraph(nn.Module):
-    """CLIP text encoder to last hidden states, always computed in fp32 (cheap, and transformers' fp16
-    CLIP mixes fp32 residuals into fp16 LayerNorms, which ONNX and TensorRT reject); the states leave in
-    the compute precision."""
-
-    def __init__(self, text_encoder: nn.Module, out_dtype: torch.dtype):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.out_dtype = out_dtype
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0].to(self.out_dtype)
-
-
-class _VaeDecoderGraph(nn.Module):
-    def __init__(self, vae: AutoencoderKL | AutoencoderTiny):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents).sample
-
-
 def _in_dtype(module: M, dtype: torch.dtype) -> M:
     """The module in `dtype`, copied when it is loaded in another (components stay untouched)."""
     current = next(module.parameters()).dtype
@@ -71,7 +49,9 @@ def _in_dtype(module: M, dtype: torch.dtype) -> M:
 
 
 def _text_encoder(components: Components, precision: Precision) -> nn.Module:
-    return _TextEncoderGraph(_in_dtype(components.text_encoder, torch.float32), precision.torch_dtype)
+    # Always computed in fp32 (cheap, and transformers' fp16 CLIP mixes fp32 residuals into fp16
+    # LayerNorms, which ONNX and TensorRT reject); the states leave in the compute precision.
+    return TextEncoderGraph(_in_dtype(components.text_encoder, torch.float32), precision.torch_dtype)
 
 
 def _denoiser(components: Components, precision: Precision) -> nn.Module:
@@ -80,13 +60,13 @@ def _denoiser(components: Components, precision: Precision) -> nn.Module:
 
 
 def _vae_decoder(components: Components, precision: Precision) -> nn.Module:
-    return _VaeDecoderGraph(_in_dtype(components.vae, precision.torch_dtype))
+    return DecoderGraph(_in_dtype(components.vae, precision.torch_dtype))
 
 
 def _vae_decoder_tiny(components: Components, precision: Precision) -> nn.Module:
     if components.vae_tiny is None:
         raise ValueError(f"model {components.path} has no tiny decoder to export")
-    return _VaeDecoderGraph(_in_dtype(components.vae_tiny, precision.torch_dtype))
+    return DecoderGraph(_in_dtype(components.vae_tiny, precision.torch_dtype))
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ from engine.export.cache import (
     Entry,
     batch_acceptor,
     components_hash,
+    config_hash,
     engine_store,
     find_or_build,
 )
-from engine.export.contracts import ComponentContract, contracts_for
+from engine.export.contracts import EXPORT_PRECISIONS, ComponentContract, contracts_for
 from engine.export.profiles import ModelDims, Profile, default_profiles
 from engine.loading import Components
 from engine.types import Precision
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 EXPORTER = f"torchscript-opset{OPSET}"
-EXPORT_PRECISIONS = (Precision.FP32, Precision.FP16)
 
 
 def torch_version() -> str:
@@ -182,8 +182,8 @@ def ensure_onnx(
         raise BackendUnavailableError(
             f"compiled backends run in fp32 or fp16, not {config.precision.value}; pass --precision fp16 or fp32"
         )
-    store = engine_store(config.engine_dir)
-    model_hash = model_hash or components_hash(components)
+    store = engine_store(config)
+    model_hash = model_hash or config_hash(components, config)
     profiles = profiles or default_profiles(ModelDims.from_components(components), config.max_batch_size)
     want = onnx_key(model_hash, components.chain.steps, config.precision, profiles)
 

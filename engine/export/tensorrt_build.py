@@ -15,10 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 
+from engine.backends.tensorrt_runtime import gpu_identity, import_tensorrt, is_rtx, library, make_logger
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, EngineError
 from engine.export.cache import (
@@ -26,7 +26,7 @@ from engine.export.cache import (
     ArtefactStore,
     Entry,
     batch_acceptor,
-    components_hash,
+    config_hash,
     engine_store,
     find_or_build,
     write_atomic,
@@ -39,43 +39,9 @@ from engine.types import Precision
 
 log = logging.getLogger(__name__)
 
-TRT_MODULES = ("tensorrt", "tensorrt_rtx")
-
 
 class EngineBuildError(EngineError):
     """TensorRT could not parse a graph or build an engine from it."""
-
-
-def import_tensorrt(allow_rtx: bool = True) -> ModuleType:
-    """`tensorrt`, else (when allowed) `tensorrt_rtx`; a clear error when neither is installed."""
-    import importlib
-
-    names = TRT_MODULES if allow_rtx else TRT_MODULES[:1]
-    errors = []
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ImportError as exc:
-            errors.append(f"{name}: {exc}")
-    raise BackendUnavailableError(
-        "TensorRT is not installed (pip install 'tiue-serve[tensorrt]' on a machine with an NVIDIA GPU): "
-        + "; ".join(errors)
-    )
-
-
-def library(trt: ModuleType) -> tuple[str, str]:
-    return trt.__name__, str(trt.__version__)
-
-
-def is_rtx(trt: ModuleType) -> bool:
-    return trt.__name__ == "tensorrt_rtx"
-
-
-def gpu_identity(device: torch.device | str = "cuda") -> tuple[str, str]:
-    """(compute capability as 'sm_XY', the GPU's name) of a CUDA device."""
-    device = torch.device(device)
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}", torch.cuda.get_device_name(device)
 
 
 def tensorrt_target(
@@ -106,26 +72,6 @@ def tensorrt_key(onnx: ArtefactKey, trt: ModuleType, compute_capability: str | N
         libraries=tuple(sorted((*onnx.libraries, library(trt)))),
         compute_capability=compute_capability,
     )
-
-
-def make_logger(trt: ModuleType) -> Any:
-    """A TensorRT logger that writes to Python logging instead of stderr."""
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-        trt.ILogger.Severity.INFO: logging.DEBUG,
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
-    }
-
-    class _Logger(trt.ILogger):  # type: ignore[name-defined,misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            log.log(levels.get(severity, logging.INFO), "TensorRT: %s", msg)
-
-    return _Logger()
 
 
 def build_engine(
@@ -249,8 +195,8 @@ def ensure_tensorrt(
     """The engines for this model, precision, TensorRT and GPU (and `profiles`, default: sized from
     max_batch_size): cached, built now if `config.build_engines`, or an error naming what the cached
     ones were built for."""
-    store = engine_store(config.engine_dir)
-    model_hash = components_hash(components)
+    store = engine_store(config)
+    model_hash = config_hash(components, config)
     want, profiles = tensorrt_want(components, config, trt, gpu[0] if gpu else None, model_hash, profiles)
 
     def build() -> Entry:

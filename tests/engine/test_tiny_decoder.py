@@ -115,7 +115,7 @@ def test_one_batch_has_one_decoder(pipeline: TiUEPipeline) -> None:
 
 
 def test_the_model_hash_covers_vae_tiny(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from engine.export.cache import model_content_hash
+    from engine.files import model_content_hash
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

@@ -17,9 +17,9 @@ from engine.export.cache import (
     Entry,
     batch_acceptor,
     find_or_build,
-    model_content_hash,
 )
 from engine.export.profiles import Profile, Range
+from engine.files import model_content_hash
 
 PROFILE = Profile(Range(1, 2, 4), Range(4, 8, 12), Range(4, 8, 12))
 KEY = ArtefactKey(

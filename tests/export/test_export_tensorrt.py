@@ -14,12 +14,13 @@ from types import ModuleType
 import pytest
 import torch
 
-from engine.backends import create_backend
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError
-from engine.export.cache import ArtefactStore, model_content_hash
+from engine.export.cache import ArtefactStore
 from engine.export.tensorrt_build import ensure_tensorrt, tensorrt_want
+from engine.files import model_content_hash
 from engine.loading import load_components
+from engine.pipeline import create_backend
 from engine.types import BackendName, Precision
 
 HAVE_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
