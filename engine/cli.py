@@ -5,21 +5,11 @@ The command line itself (flags, TIUE_* settings) is service.cli's; this is what 
 
 from __future__ import annotations
 
-import secrets
 import sys
 import time
 from pathlib import Path
 
 from engine.config import EngineConfig
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (width, height); ValueError with the expected form otherwise."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size must look like 512x512, got {text!r}") from None
-    return width, height
 
 
 def generate_image(
@@ -29,14 +19,14 @@ def generate_image(
 
     from engine.errors import EngineError
     from engine.pipeline import load_pipeline
-    from engine.types import GenerationRequest
+    from engine.types import GenerationRequest, random_seed
 
     try:
         started = time.perf_counter()
         pipeline = load_pipeline(config)
         loaded = time.perf_counter() - started
         width, height = size or (pipeline.info.default_size,) * 2
-        seed = seed if seed is not None else secrets.randbelow(2**31)
+        seed = seed if seed is not None else random_seed()
         request = GenerationRequest(prompt=prompt, seed=seed, width=width, height=height)
         pipeline.validate(request)
         started = time.perf_counter()

@@ -23,6 +23,7 @@ from engine.export.profiles import ModelDims
 from engine.loading import Components, load_configured
 from engine.types import (
     DEVICE_STAGES,
+    MAX_SEED,
     BatchResult,
     Decoder,
     GeneratedImage,
@@ -31,8 +32,6 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**63 - 1
 
 
 class TiUEPipeline:

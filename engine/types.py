@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -63,6 +65,34 @@ class Decoder(str, Enum):
 
     FULL = "full"
     TINY = "tiny"
+
+
+SEED_SPACE = 2**32  # seeds are in [0, SEED_SPACE): what numpy and most image APIs take
+MAX_SEED = SEED_SPACE - 1
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_SPACE)
+
+
+_SIDE = r"(0|[1-9][0-9]{0,4})"  # ASCII digits, no leading zero, at most 5 (a side above 99999 px is no size)
+_SIZE = re.compile(rf"{_SIDE}x{_SIDE}", re.ASCII)
+_SQUARE = re.compile(_SIDE, re.ASCII)
+
+
+def parse_size(text: str, *, square: bool = False) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' in pixels -> (width, height), strictly: ASCII digits without leading zeros either
+    side of a lowercase x, nothing around them; with `square`, a lone 'N' too (N x N). ValueError,
+    saying the form, otherwise. Whether a size is served is the model's and the server's to say."""
+    if match := _SIZE.fullmatch(text):
+        return int(match[1]), int(match[2])
+    if square and (match := _SQUARE.fullmatch(text)):
+        return int(match[1]), int(match[1])
+    form = "512 or 512x768" if square else "512x768"
+    raise ValueError(
+        f"size {text!r} is not WIDTHxHEIGHT in pixels: it must look like {form}, with digits 0-9 (no "
+        "leading zeros) and a lowercase x, and nothing around them"
+    )
 
 
 DEVICE_STAGES = ("text_encode", "denoise", "vae_decode")  # what BatchResult.timings reports, in order

@@ -51,7 +51,7 @@ def model_specs(
         return [ModelSpec(name, factory) for name, factory in pipeline_factories.items()]
     if pipeline_factory is not None:
         return [ModelSpec(None, pipeline_factory)]  # one model, named by its own info
-    config = settings.engine_config()
+    config = settings.engine
     return [
         ModelSpec(name, engine_factory(replace(config, model_dir=folder)))
         for name, folder in settings.model_dirs()

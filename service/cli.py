@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import enum
 import os
+import re
 import sys
 import types
 import typing
@@ -17,42 +18,18 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.config import EngineConfig, Scope
+
 if TYPE_CHECKING:
     import uvicorn
     from pydantic import ValidationError
 
-    from engine.config import EngineConfig
     from service.settings import Settings
 
-# Settings every command that loads a model reads.
-DECODER_FIELDS = ("decoder", "tiny_decoder_dir")  # export and build-engines take them too
-EXPORT_FIELDS = ("model_dir", "device", "precision", "steps", "max_batch_size", *DECODER_FIELDS)
-BUILD_FIELDS = (
-    "model_dir",
-    "backend",
-    "device",
-    "precision",
-    "steps",
-    "engine_dir",
-    "max_batch_size",
-    *DECODER_FIELDS,
-)
-ENGINE_FIELDS = (
-    "model_dir",
-    "backend",
-    "device",
-    "precision",
-    "steps",
-    "engine_dir",
-    "build_engines",
-    "torch_compile",
-    "compile_cache_dir",
-    "warm_batch_sizes",
-    "warm_sizes",
-    "threads",
-    "max_batch_size",
-    *DECODER_FIELDS,
-)
+# Settings each command reads: EngineConfig's fields, by the commands they are for (engine.config.Scope).
+EXPORT_FIELDS = EngineConfig.names(Scope.MODEL)  # what loads the model
+BUILD_FIELDS = EngineConfig.names(Scope.MODEL, Scope.ARTEFACTS)  # and what finds or builds its artefacts
+ENGINE_FIELDS = EngineConfig.names()  # and what runs it
 _FLAG_NAMES = {"model_dir": "model"}  # a field whose flag is not its own name
 _NOT_FLAGS = frozenset({"api_keys"})  # secrets stay out of the command line (and `ps`): TIUE_API_KEYS only
 
@@ -131,12 +108,20 @@ class _ModelFlag(argparse.Action):
 
 
 def _size(text: str) -> tuple[int, int]:
-    from engine.cli import parse_size
+    from engine.types import parse_size
 
     try:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seed(text: str) -> int:
+    from engine.types import MAX_SEED
+
+    if not re.fullmatch(r"[0-9]+", text, re.ASCII) or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: give a whole number from 0 to {MAX_SEED}")
+    return int(text)
 
 
 def _batch(text: str) -> Any:
@@ -194,7 +179,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         description="Generate one image with the model, backend and precision the server would use.",
     )
     p.add_argument("prompt")
-    p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    p.add_argument("--seed", type=_seed, default=None, help="0 to 2**32 - 1 (default: random, printed)")
     p.add_argument(
         "--size", type=_size, default=None, help="WxH in pixels (default: the model's native size)"
     )
@@ -289,7 +274,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     settings = _settings_or_exit(args, ENGINE_FIELDS)
     if settings is None:
         return 2
-    return generate_image(settings.engine_config(), args.prompt, args.seed, args.size, args.out)
+    return generate_image(settings.engine, args.prompt, args.seed, args.size, args.out)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -299,7 +284,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     _tool_logging()
-    return export_graphs(settings.engine_config(), args.out, args.batch, args.sizes)
+    return export_graphs(settings.engine, args.out, args.batch, args.sizes)
 
 
 def _run_build_engines(args: argparse.Namespace) -> int:
@@ -317,7 +302,7 @@ def for_each_model(settings: Settings, run: Callable[[EngineConfig], int]) -> in
     code, so that an engine-build Job fails if any model's build does."""
     from dataclasses import replace
 
-    config = settings.engine_config()
+    config = settings.engine
     return max(run(replace(config, model_dir=folder)) for _name, folder in settings.model_dirs())
 
 

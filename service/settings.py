@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import resource
+import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.config import EngineConfig, available_cpus
-from engine.types import BackendName, Decoder, Precision, TorchCompile
+from engine.config import EngineConfig
+from engine.types import TorchCompile, parse_size
 from service.edge.logs import LogFormat
 
 
@@ -49,27 +51,39 @@ def default_max_connections() -> int:
     return max(1, min(_MAX_CONNECTIONS_CAP, hard - FD_RESERVE))
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    """'512x768' (width x height) or '512' (square) -> (width, height)."""
-    parts = text.lower().split("x")
-    try:
-        width, height = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
-    except ValueError:
-        width = height = 0
-    if width <= 0 or height <= 0:
-        raise ValueError(f"a warm size must look like 512 or 512x768, got {text!r}")
-    return width, height
+def _engine_field(f: dataclasses.Field[Any], annotation: Any) -> tuple[Any, Any]:
+    """A pydantic field from an EngineConfig field: its type, default (or factory), description, bounds."""
+    if typing.get_origin(annotation) is tuple:
+        annotation = Annotated[annotation, NoDecode]  # comma-separated in TIUE_*, split by a validator
+    default: dict[str, Any] = (
+        {"default_factory": f.default_factory}
+        if f.default_factory is not dataclasses.MISSING
+        else {"default": f.default}
+    )
+    return annotation, Field(**default, description=f.metadata["help"], **f.metadata["bounds"])
 
 
-class Settings(BaseSettings):
-    """Everything the service reads from its environment; passed into `create_app`."""
-
+class _SettingsBase(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TIUE_", case_sensitive=False, extra="ignore")
 
-    # The model and how it runs (forwarded to engine.EngineConfig).
-    model_dir: Path | None = Field(
-        default=None, description="a diffusers pipeline folder (unset: the embedded default model)"
+
+_HINTS = typing.get_type_hints(EngineConfig)
+if TYPE_CHECKING:  # type checkers read the engine's settings through `Settings.engine`
+    _EngineSettings = _SettingsBase
+else:
+    _EngineSettings = create_model(
+        "_EngineSettings",
+        __base__=_SettingsBase,
+        **{f.name: _engine_field(f, _HINTS[f.name]) for f in dataclasses.fields(EngineConfig)},
     )
+
+
+class Settings(_EngineSettings):
+    """Everything the service reads from its environment; passed into `create_app`. The engine's own
+    settings (model, backend, device, ...) are EngineConfig's fields, declared there with their defaults
+    and read here each from its TIUE_* variable; `engine` is them as an EngineConfig."""
+
+    # Several models (each an EngineConfig with its own model_dir).
     models: Annotated[dict[str, Path | None], NoDecode] = Field(
         default_factory=dict,
         description="several models on one device: NAME=DIR,NAME=DIR (an empty DIR: the embedded default "
@@ -78,54 +92,8 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         default=None, description="the model a request without `model` gets (default: the first)"
     )
-    backend: BackendName = Field(default=BackendName.TORCH, description="what runs the model")
-    device: str = Field(default="cpu", description="cpu, cuda, cuda:1, ...")
-    precision: Precision = Field(default=Precision.FP32, description="weights and activations")
-    steps: int = Field(default=4, ge=1, le=50, description="TiUE decoder steps")
-    engine_dir: Path | None = Field(
-        default=None, description="compiled-artefact cache (unset: the cache root's engines/)"
-    )
-    build_engines: bool = Field(
-        default=False, description="compiled backends: build missing artefacts at load instead of refusing"
-    )
-    torch_compile: TorchCompile = Field(
-        default=TorchCompile.OFF,
-        description="torch backend: compile the denoiser and decoders for each warmed batch size and size "
-        "before the server is ready (reduce-overhead: CUDA graphs too; true/false: default/off)",
-    )
-    compile_cache_dir: Path | None = Field(
-        default=None,
-        description="torch.compile's inductor/Triton caches, kept across restarts (unset: the cache root's compile/)",
-    )
-    warm_batch_sizes: Annotated[list[int], NoDecode] = Field(
-        default_factory=list,
-        description="batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next "
-        "(unset: powers of two below max_batch_size, and max_batch_size)",
-    )
-    warm_sizes: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="image sizes warmed (compiled) before ready, comma-separated WxH or N (unset: the native size)",
-    )
-    decoder: Decoder = Field(
-        default=Decoder.FULL,
-        description="the decoder of requests that name none: full (the model's VAE) or tiny (its "
-        "AutoencoderTiny; the server fails to start without one)",
-    )
-    tiny_decoder_dir: Path | None = Field(
-        default=None,
-        description="a diffusers AutoencoderTiny folder to use as the tiny decoder (unset: <model>/vae_tiny "
-        "when present); checked against the model's VAE at load",
-    )
-    threads: int = Field(
-        default_factory=available_cpus,
-        ge=0,
-        le=256,
-        description="CPU intra-op threads (unset: the container's CPU limit, else the usable CPUs; "
-        "0: the library's own default)",
-    )
 
     # Batching and admission.
-    max_batch_size: int = Field(default=4, ge=1, le=256, description="images per engine call")
     max_wait_ms: float = Field(
         default=10.0, ge=0, le=10_000, description="how long the oldest request may wait"
     )
@@ -215,28 +183,21 @@ class Settings(BaseSettings):
     @field_validator("torch_compile", mode="before")
     @classmethod
     def _compile_mode(cls, value: Any) -> Any:
-        """The setting was a boolean once: true/false (1/0, yes/no, on) still mean default/off."""
-        if isinstance(value, bool):
-            return TorchCompile.DEFAULT if value else TorchCompile.OFF
-        if isinstance(value, str):
-            text = value.strip().lower()
-            legacy = {"true": "default", "1": "default", "yes": "default", "on": "default"}
-            return legacy.get(text, {"false": "off", "0": "off", "no": "off"}.get(text, text))
-        return value
+        return TorchCompile.parse(value)
 
-    @field_validator("warm_batch_sizes", "warm_sizes", mode="before")
+    @field_validator("warm_batch_sizes", mode="before")
     @classmethod
-    def _split_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    def _split_batches(cls, value: Any) -> Any:
+        return (
+            [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        )
 
-    @field_validator("warm_sizes")
+    @field_validator("warm_sizes", mode="before")
     @classmethod
-    def _sizes(cls, value: list[str]) -> list[str]:
-        for text in value:
-            _parse_size(text)
-        return value
+    def _sizes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return [parse_size(v, square=True) if isinstance(v, str) else v for v in value]
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -276,6 +237,7 @@ class Settings(BaseSettings):
     @field_validator(
         "model_dir",
         "engine_dir",
+        "cache_dir",
         "compile_cache_dir",
         "tiny_decoder_dir",
         "default_model",
@@ -295,14 +257,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        outside = [b for b in self.warm_batch_sizes if not 1 <= b <= self.max_batch_size]
-        if outside:
-            raise ValueError(
-                f"warm_batch_sizes {outside} must be within 1..max_batch_size ({self.max_batch_size})"
-            )
+        _ = self.engine  # the engine's own checks (warm batch sizes within max_batch_size)
         if self.max_size is not None and self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) is larger than max_size ({self.max_size})")
-        if self.models and self.model_dir is not None:
+        if self.models and self.engine.model_dir is not None:
             raise ValueError("set models (TIUE_MODELS) or model_dir (TIUE_MODEL_DIR), not both")
         if self.models and self.default_model is not None and self.default_model not in self.models:
             raise ValueError(
@@ -335,23 +293,9 @@ class Settings(BaseSettings):
         """The models to serve, in order: (name, folder); name None is the single model named by itself."""
         if self.models:
             return list(self.models.items())
-        return [(None, self.model_dir)]
+        return [(None, self.engine.model_dir)]
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model_dir=self.model_dir,
-            backend=self.backend,
-            device=self.device,
-            precision=self.precision,
-            steps=self.steps,
-            engine_dir=self.engine_dir,
-            build_engines=self.build_engines,
-            torch_compile=self.torch_compile,
-            compile_cache_dir=self.compile_cache_dir,
-            warm_batch_sizes=tuple(self.warm_batch_sizes),
-            warm_sizes=tuple(_parse_size(text) for text in self.warm_sizes),
-            max_batch_size=self.max_batch_size,
-            threads=self.threads,
-            decoder=self.decoder,
-            tiny_decoder_dir=self.tiny_decoder_dir,
-        )
+    @property
+    def engine(self) -> EngineConfig:
+        """The engine's settings as the engine takes them (for the one model; `model_dirs` names each)."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})

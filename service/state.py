@@ -37,10 +37,10 @@ class ServiceState:
 
     def __init__(self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None):
         self.settings = settings
-        self.metrics = ServiceMetrics(settings.max_batch_size)
+        self.metrics = ServiceMetrics(settings.engine.max_batch_size)
         self.api_keys = ApiKeys(key.get_secret_value() for key in settings.api_keys)
         self.batcher = MicroBatcher(
-            max_batch_images=settings.max_batch_size,
+            max_batch_images=settings.engine.max_batch_size,
             max_wait_s=settings.max_wait_s,
             capacity_images=settings.queue_size,
             early_close=True,

@@ -114,7 +114,7 @@ class Admission:
         left = deadline - self._clock()
         wait = self.batcher.wait_estimate_s(client)
         # Its images are done when the batches they ride in are: count each part as a full batch.
-        batch = self.settings.max_batch_size
+        batch = self.settings.engine.max_batch_size
         finish = wait + -(-images // batch) * cost_model.batch_seconds(size, batch)
         if finish > left:
             raise QueueFull(

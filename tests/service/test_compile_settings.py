@@ -29,7 +29,7 @@ def test_torch_compile_modes_and_the_old_booleans(
 ) -> None:
     monkeypatch.setenv("TIUE_TORCH_COMPILE", value)
     assert Settings().torch_compile is mode
-    assert Settings().engine_config().torch_compile is mode
+    assert Settings().engine.torch_compile is mode
 
 
 def test_an_unknown_mode_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,7 +46,7 @@ def test_warm_buckets_sizes_and_cache_reach_the_engine(
     monkeypatch.setenv("TIUE_WARM_BATCH_SIZES", "1, 3")
     monkeypatch.setenv("TIUE_WARM_SIZES", "512,768x512")
     monkeypatch.setenv("TIUE_COMPILE_CACHE_DIR", str(tmp_path))
-    config = Settings().engine_config()
+    config = Settings().engine
     assert config.warm_batch_sizes == (1, 3) and config.batch_buckets() == (1, 3, 8)
     assert config.warm_sizes == ((512, 512), (768, 512))
     assert config.compile_cache_dir == tmp_path

@@ -42,7 +42,7 @@ def test_environment_is_read_with_the_tiue_prefix(monkeypatch: pytest.MonkeyPatc
     assert settings.max_wait_s == 0.0025 and settings.prompt_policy is PromptPolicy.REJECT
     assert [key.get_secret_value() for key in settings.api_keys] == ["key-a", "key-b"]
     assert "key-a" not in repr(settings)  # keys never reach a log line through repr
-    config = settings.engine_config()
+    config = settings.engine
     assert (config.model_dir, config.precision, config.device) == (tmp_path, Precision.FP16, "cuda:1")
     assert (config.max_batch_size, config.build_engines) == (8, True)
 
