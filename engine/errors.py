@@ -16,11 +16,22 @@ class UnsupportedSchedulerError(ModelLoadError):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """A generation request the model cannot serve (size, prompt); the caller's fault, never the device's."""
+    """A generation request the model cannot serve (size, prompt); the caller's fault, never the device's.
+    `param` names the request field at fault, when one is."""
+
+    param: str | None = None
 
 
 class UnsupportedSizeError(InvalidRequestError):
     """Width or height is not a size the UNet supports (multiple of its spatial factor, within bounds)."""
+
+    param = "size"
+
+
+class UnsupportedDecoderError(InvalidRequestError):
+    """A decoder this model has not loaded."""
+
+    param = "decoder"
 
 
 class BackendUnavailableError(EngineError):

@@ -24,6 +24,7 @@ from engine.loading import Components, load_configured
 from engine.types import (
     DEVICE_STAGES,
     MAX_SEED,
+    BatchKey,
     BatchResult,
     Decoder,
     GeneratedImage,
@@ -63,27 +64,28 @@ class TiUEPipeline:
     # -- validation -----------------------------------------------------------------------------
 
     def validate(self, request: GenerationRequest) -> None:
-        """Raise InvalidRequestError with a message a person can act on; never touches the device."""
+        """Raise InvalidRequestError with a message a person can act on; never touches the device. The
+        service calls it once per request, before queueing; `generate` then checks only what a batch
+        must share."""
         if not request.prompt.strip():
             raise InvalidRequestError("prompt must not be empty")
-        if request.decoder is not None and request.decoder not in self.info.decoders:
-            raise InvalidRequestError(
-                f"decoder {request.decoder.value} is not available for model {self.info.name}; "
-                f"choose one of: {_names(self.info.decoders)}"
-            )
         if not 0 <= request.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed must be in [0, {MAX_SEED}], got {request.seed}")
+        self._check_shape(request.batch_key)
+
+    def _check_shape(self, key: BatchKey) -> Decoder:
+        """The key's decoder, when this pipeline can run a batch of that size with it."""
+        decoder = self.info.decoder_for(key.decoder)
         m = self.info.size_multiple
-        for name, value in (("width", request.width), ("height", request.height)):
+        for name, value in (("width", key.width), ("height", key.height)):
             if value < m or value % m:
                 raise UnsupportedSizeError(
                     f"{name} {value} is not supported: it must be a positive multiple of {m}"
                 )
-        reason = self.backend.unsupported(
-            1, request.height // self.vae_scale, request.width // self.vae_scale
-        )
+        reason = self.backend.unsupported(1, key.height // self.vae_scale, key.width // self.vae_scale)
         if reason:
-            raise UnsupportedSizeError(f"size {request.width}x{request.height} is not supported: {reason}")
+            raise UnsupportedSizeError(f"size {key.width}x{key.height} is not supported: {reason}")
+        return decoder
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens including BOS/EOS, before truncation to the text encoder's window."""
@@ -98,16 +100,15 @@ class TiUEPipeline:
             return BatchResult(images=[])
         if len({r.shape_key for r in requests}) != 1:
             raise InvalidRequestError("all requests in one batch must have the same width and height")
-        if len({self.decoder_of(r) for r in requests}) != 1:
+        if len({self.info.decoder_for(r.decoder) for r in requests}) != 1:
             raise InvalidRequestError("all requests in one batch must use the same decoder")
         if len(requests) > self.config.max_batch_size:
             raise InvalidRequestError(
                 f"a batch holds at most {self.config.max_batch_size} images (max_batch_size); got {len(requests)}"
             )
-        for r in requests:
-            self.validate(r)
+        decoder = self._check_shape(requests[0].batch_key)
         with self._compile_scope():
-            result = self._run(self._padded(requests))
+            result = self._run(self._padded(requests), decoder)
         return BatchResult(result.images[: len(requests)], result.timings)
 
     def _padded(self, requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
@@ -120,7 +121,7 @@ class TiUEPipeline:
         """Once warmed, a compiled pipeline compiles nothing more (an unwarmed size runs eagerly)."""
         return compiling.serving(self.config, frozen=self._warmed) if self.config.compiles else nullcontext()
 
-    def _run(self, requests: Sequence[GenerationRequest]) -> BatchResult:
+    def _run(self, requests: Sequence[GenerationRequest], decoder: Decoder) -> BatchResult:
         timings: dict[str, float] = {}
         width, height = requests[0].shape_key
         text_encode, denoise, vae_decode = DEVICE_STAGES
@@ -131,16 +132,12 @@ class TiUEPipeline:
             z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
             z_0 = self.backend.denoise(to_device(z_t, self.backend.device).to(self.backend.dtype), states)
         with self._timed(vae_decode, timings):
-            decoder = self.decoder_of(requests[0])
             scale, shift = self.latent_scaling[decoder]
             images = self.backend.decode(z_0 / scale + shift, decoder)
             pixels = to_uint8(images)
         return BatchResult(
             [GeneratedImage(p, r.seed) for p, r in zip(pixels, requests, strict=True)], timings
         )
-
-    def decoder_of(self, request: GenerationRequest) -> Decoder:
-        return request.decoder or self.info.default_decoder
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.components.tokenizer

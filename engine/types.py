@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+from engine.errors import UnsupportedDecoderError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,9 +100,23 @@ def parse_size(text: str, *, square: bool = False) -> tuple[int, int]:
 DEVICE_STAGES = ("text_encode", "denoise", "vae_decode")  # what BatchResult.timings reports, in order
 
 
+class BatchKey(NamedTuple):
+    """What the requests of one batch share: their size and their decoder. The service's batcher groups
+    requests by it (and by model), and estimates a batch's device time by it."""
+
+    width: int
+    height: int
+    decoder: Decoder | None = None
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One image to make. The image depends only on (model, prompt, seed, width, height, decoder)."""
+    """One image to make; the image depends only on (model, prompt, seed, width, height, decoder).
+
+    The service resolves every default into it once, at the edge (service.generation.resolve_job), and
+    the batcher, the device worker and the pipeline take it as it is. A new per-request field is declared
+    here and in the request schema (service.schemas, whose fields of the same name are copied in), and
+    read where it is used."""
 
     prompt: str
     seed: int
@@ -110,8 +126,16 @@ class GenerationRequest:
 
     @property
     def shape_key(self) -> tuple[int, int]:
-        """The image size; requests of one batch share it (and their decoder)."""
+        """The image size."""
         return (self.width, self.height)
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return BatchKey(self.width, self.height, self.decoder)
+
+    def images(self, n: int) -> tuple[GenerationRequest, ...]:
+        """This request `n` times, image i with seed + i (mod SEED_SPACE)."""
+        return tuple(replace(self, seed=(self.seed + i) % SEED_SPACE) for i in range(n))
 
 
 @dataclass
@@ -140,3 +164,14 @@ class ModelInfo:
     default_size: int  # pixels, the UNet's native sample size times the VAE factor
     decoders: tuple[Decoder, ...] = (Decoder.FULL,)  # the decoders loaded
     default_decoder: Decoder = Decoder.FULL  # what a request that names none gets
+
+    def decoder_for(self, wanted: Decoder | None) -> Decoder:
+        """The decoder a request gets (None: the default); UnsupportedDecoderError naming the choices
+        when this model has not that one."""
+        chosen = wanted or self.default_decoder
+        if chosen not in self.decoders:
+            raise UnsupportedDecoderError(
+                f"decoder '{chosen.value}' is not available for model {self.name}; choose one of: "
+                + ", ".join(d.value for d in self.decoders)
+            )
+        return chosen

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from engine.errors import InvalidRequestError, UnsupportedSizeError
+from engine.errors import InvalidRequestError
 from service.edge.logs import current_request, request_id
 from service.metrics import NO_MODEL, ServiceMetrics
 
@@ -219,7 +219,7 @@ def as_service_error(exc: BaseException) -> ServiceError | None:
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        return InvalidInput(str(exc), param="size" if isinstance(exc, UnsupportedSizeError) else None)
+        return InvalidInput(str(exc), param=exc.param)
     if isinstance(exc, RequestValidationError):
         return _from_validation(exc)
     if isinstance(exc, StarletteHTTPException):

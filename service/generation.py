@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
-import secrets
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -13,36 +12,44 @@ from typing import Any, TypeVar
 
 from starlette.types import Message
 
-from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo
+from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo, random_seed
+from engine.types import parse_size as parse_engine_size
 from service.edge.caller import Caller
 from service.edge.logs import annotate, request_id
 from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
 from service.images import OutputFormat, encode_image
 from service.metrics import IMAGE_ENCODE
 from service.models import ServedModel
-from service.scheduling.batcher import BatchKey, ItemResult, MicroBatcher
+from service.scheduling.batcher import ItemResult, MicroBatcher
+from service.schemas import GenerateRequest, OpenAIImageRequest
 from service.settings import PromptPolicy, Settings
 from service.state import ServiceState
 
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
-_SEED_SPACE = 2**32
+ImageRequestBody = GenerateRequest | OpenAIImageRequest
 ANSWER_MARGIN = 0.1  # of the timeout (at most 1 s), kept for encoding and sending the images
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Job:
-    """A validated request, whichever route it came from."""
+    """A request with every default resolved (`resolve_job`): the model that serves it, one engine request
+    per image, and how to encode the answer. The batcher, the worker and the engine take it as it is."""
 
     model: ServedModel
-    prompt: str
-    n: int
-    width: int
-    height: int
-    seed: int
+    images: tuple[GenerationRequest, ...]  # image i has seed + i (mod 2**32); all else is shared
     output_format: OutputFormat
     quality: int | None = None
-    decoder: Decoder | None = None  # None: the model's default (TIUE_DECODER)
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The first image's request: what all its images share."""
+        return self.images[0]
+
+    @property
+    def decoder(self) -> Decoder:
+        decoder = self.request.decoder
+        assert decoder is not None, "resolve_job resolves the decoder"
+        return decoder
 
 
 @dataclass
@@ -64,14 +71,53 @@ class JobOutput:
 
 
 def parse_size(size: str | None, width: int | None, height: int | None, info: ModelInfo) -> tuple[int, int]:
+    """The size a request asks for: width and height, or "WIDTHxHEIGHT" (engine.types.parse_size: strict),
+    or none (or OpenAI's "auto"): the model's native size."""
     if width is not None and height is not None:
         return width, height
     if size is None or size.strip().lower() == "auto":
         return info.default_size, info.default_size
-    match = _SIZE.match(size)
-    if match is None:
-        raise InvalidInput(f"size '{size}' is not WIDTHxHEIGHT in pixels, e.g. '512x512'", param="size")
-    return int(match.group(1)), int(match.group(2))
+    try:
+        return parse_engine_size(size)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), param="size") from None
+
+
+RESOLVED = frozenset({"seed", "width", "height", "decoder"})  # GenerationRequest's fields resolve_job fills
+
+
+def engine_fields(body: ImageRequestBody) -> dict[str, Any]:
+    """The body's fields GenerationRequest has too, copied as they are: a new per-request field is declared
+    in the schema and in GenerationRequest, and nowhere between. The fields with defaults to resolve
+    (seed, size, decoder) are resolve_job's."""
+    shared = {f.name for f in dataclasses.fields(GenerationRequest)} - RESOLVED
+    return {name: getattr(body, name) for name in shared if name in type(body).model_fields}
+
+
+def resolve_job(
+    state: ServiceState,
+    model: ServedModel,
+    body: ImageRequestBody,
+    *,
+    size: tuple[int, int],
+    n: int,
+    seed: int | None,
+    decoder: Decoder | None,
+    output_format: OutputFormat,
+    quality: int | None,
+) -> Job:
+    """Every default resolved once (size, seed, decoder; the model already is), within the server's
+    limits: 422 naming the parameter otherwise."""
+    width, height = size
+    check_limits(state.settings, model.info, body.prompt, n, width, height)
+    request = GenerationRequest(
+        **engine_fields(body),
+        seed=random_seed() if seed is None else seed,
+        width=width,
+        height=height,
+        decoder=model.info.decoder_for(decoder),
+    )
+    return Job(model=model, images=request.images(n), output_format=output_format, quality=quality)
 
 
 def check_limits(settings: Settings, info: ModelInfo, prompt: str, n: int, width: int, height: int) -> None:
@@ -117,25 +163,9 @@ def resolve_model(state: ServiceState, name: str | None) -> ServedModel:
     return model
 
 
-def resolve_decoder(info: ModelInfo, decoder: Decoder | None) -> Decoder:
-    """The decoder a request gets (None: the model's default); 422 naming the choices when it has not that one."""
-    chosen = decoder or info.default_decoder
-    if chosen not in info.decoders:
-        raise InvalidInput(
-            f"decoder '{chosen.value}' is not available for model {info.name}; choose one of: "
-            + ", ".join(d.value for d in info.decoders),
-            param="decoder",
-        )
-    return chosen
-
-
 def openai_decoder(info: ModelInfo, quality: str | None) -> Decoder | None:
     """OpenAI's `quality`: "low" is the tiny decoder where the model has one; anything else, the default."""
     return Decoder.TINY if quality == "low" and Decoder.TINY in info.decoders else None
-
-
-def random_seed() -> int:
-    return secrets.randbelow(_SEED_SPACE)
 
 
 async def run_job(
@@ -144,31 +174,22 @@ async def run_job(
     """Validate against the model, admit by cost, queue, wait for the images (or a disconnect or the
     deadline, counted from the request's arrival), encode."""
     started = time.perf_counter()
-    model = job.model
-    pipeline, info = model.pipeline, model.info
-    check_limits(state.settings, info, job.prompt, job.n, job.width, job.height)
-    decoder = resolve_decoder(info, job.decoder)
-    requests = [
-        GenerationRequest(job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height, decoder)
-        for i in range(job.n)
-    ]
-    for request in requests:
-        pipeline.validate(request)
-    warnings = prompt_warnings(state, job.prompt, info, pipeline.count_tokens(job.prompt))
+    model, request, n = job.model, job.request, len(job.images)
+    model.pipeline.validate(request)  # its images differ only in their seeds, each within range
+    warnings = prompt_warnings(state, request.prompt, model.info, model.pipeline.count_tokens(request.prompt))
 
     timeout = state.settings.request_timeout_s
     deadline = caller.arrived + timeout
     # The images must be made early enough to be encoded and sent within the timeout.
     device_deadline = deadline - min(ANSWER_MARGIN * timeout, 1.0)
-    size = requests[0].shape_key
+    key = request.batch_key
     cost = state.admission.admit(
-        caller.client, size, job.n, device_deadline, info.size_multiple, cost_model=model.cost
+        caller.client, key, n, device_deadline, model.info.size_multiple, cost_model=model.cost
     )
-    seeds = [request.seed for request in requests]
-    annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
-    key = BatchKey(model.name, job.width, job.height, decoder)
+    seeds = [image.seed for image in job.images]
+    annotate(images=n, size=f"{key.width}x{key.height}", seeds=seeds, decoder=job.decoder.value)
     futures = state.batcher.submit(
-        key, requests, device_deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
+        model, job.images, device_deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
     )
     try:
         results = await _unless_gone(
@@ -194,7 +215,7 @@ async def run_job(
 
     images = [EncodedImage(data, image.seed) for (data, _s), image in zip(encoded, pixels, strict=True)]
     timings = _timings(results, encode_s, time.perf_counter() - started)
-    return JobOutput(images, timings, warnings, decoder)
+    return JobOutput(images, timings, warnings, job.decoder)
 
 
 def _encoder(pixels: Any, job: Job, b64: bool) -> Callable[[], tuple[bytes, float]]:

@@ -1,6 +1,6 @@
 """The models one server serves: each a name (from settings), a pipeline, and its own cost model.
 
-All of them share one device thread and one batcher; a batch holds one model (`BatchKey.model`), and
+All of them share one device thread and one batcher; a batch holds one model (it carries it), and
 admission prices a request with its own model's cost per image, so a cheap model is not charged what
 a dear one costs, nor the other way round.
 """
@@ -24,7 +24,7 @@ class ModelSpec:
     factory: PipelineFactory
 
 
-@dataclass
+@dataclass(eq=False)  # one object per loaded model, hashed by identity: the batcher groups by it
 class ServedModel:
     name: str  # what clients send as `model`; from settings (or the pipeline's own name)
     pipeline: Pipeline

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-from engine.types import Decoder
+from engine.types import MAX_SEED, Decoder
 from service.images import OutputFormat
 
 MODEL_FIELD = "a model this server serves (GET /v1/models); absent: the default model"
@@ -15,7 +15,7 @@ DECODER_FIELD = (
     "full: the model's VAE; tiny: its AutoencoderTiny, faster and a little softer (when the model has one, "
     "GET /v1/models lists its decoders); absent: the server's TIUE_DECODER"
 )
-Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]  # the engine's range
 Compression = Annotated[StrictInt, Field(ge=0, le=100)]
 
 

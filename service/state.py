@@ -11,6 +11,7 @@ from contextlib import contextmanager, suppress
 from enum import Enum
 from typing import TypeVar
 
+from engine.types import BatchKey
 from service.edge.auth import ApiKeys
 from service.errors import ModelNotFound, NotReady, ShuttingDown
 from service.metrics import ServiceMetrics
@@ -39,7 +40,7 @@ class ServiceState:
         self.settings = settings
         self.metrics = ServiceMetrics(settings.engine.max_batch_size)
         self.api_keys = ApiKeys(key.get_secret_value() for key in settings.api_keys)
-        self.batcher = MicroBatcher(
+        self.batcher: MicroBatcher[ServedModel] = MicroBatcher(
             max_batch_images=settings.engine.max_batch_size,
             max_wait_s=settings.max_wait_s,
             capacity_images=settings.queue_size,
@@ -122,7 +123,7 @@ class ServiceState:
             if self._on_fatal is not None:
                 self._on_fatal(exc)
             return
-        self.worker.start(self.models)
+        self.worker.start()
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         self.ready.set()
@@ -155,7 +156,7 @@ class ServiceState:
         size = model.info.default_size
         started = time.perf_counter()
         model.pipeline.warmup(batch_sizes=(1,), sizes=((size, size),))
-        model.cost.observe((size, size), 1, time.perf_counter() - started)
+        model.cost.observe(BatchKey(size, size, model.info.default_decoder), 1, time.perf_counter() - started)
         logger.info("%s: device seconds per image by size: %s", model.name, model.cost.measured())
 
     def begin_drain(self) -> None:

@@ -62,7 +62,7 @@ async def readyz(state: State) -> JSONResponse:
     body = Readiness(
         status=status,  # type: ignore[arg-type]
         queued_images=state.batcher.pending_images,
-        queued_seconds=round(state.batcher.queued_seconds, 3),
+        queued_seconds=round(state.batcher.ledger.queued_seconds, 3),
         model=state.models.default if state.ready.is_set() else None,
         models={name: phase.value for name, phase in state.model_phases.items()},
         detail=detail,

@@ -11,15 +11,7 @@ from fastapi.responses import Response
 from service.deps import CallerDep, State
 from service.edge.auth import bearer_scheme
 from service.errors import NotAcceptable, UnsupportedMediaType
-from service.generation import (
-    Job,
-    JobOutput,
-    openai_decoder,
-    parse_size,
-    random_seed,
-    resolve_model,
-    run_job,
-)
+from service.generation import JobOutput, openai_decoder, parse_size, resolve_job, resolve_model, run_job
 from service.images import MEDIA_TYPES, ImagePreference, OutputFormat, negotiate
 from service.schemas import (
     ErrorResponse,
@@ -89,12 +81,19 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
     model = resolve_model(state, body.model)
     preference = negotiate(request.headers.get("accept"))
     output_format = _output_format(body, preference)
-    width, height = parse_size(body.size, body.width, body.height, model.info)
-    seed = random_seed() if body.seed is None else body.seed
-    job = Job(
-        model, body.prompt, body.n, width, height, seed, output_format, body.output_compression, body.decoder
+    job = resolve_job(
+        state,
+        model,
+        body,
+        size=parse_size(body.size, body.width, body.height, model.info),
+        n=body.n,
+        seed=body.seed,
+        decoder=body.decoder,
+        output_format=output_format,
+        quality=body.output_compression,
     )
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
+    key = job.request.batch_key
 
     headers = _headers(output)
     if preference.raw:
@@ -106,7 +105,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
         created=int(time.time()),
         model=model.name,
         decoder=output.decoder,
-        size=f"{width}x{height}",
+        size=f"{key.width}x{key.height}",
         output_format=job.output_format,
         data=_data(output),
         timings=Timings(**output.timings),
@@ -125,19 +124,26 @@ async def openai_generations(
     body: OpenAIImageRequest, request: Request, state: State, caller: CallerDep
 ) -> Response:
     model = resolve_model(state, body.model)
-    width, height = parse_size(body.size, None, None, model.info)
-    seed = random_seed() if body.seed is None else body.seed
     output_format: OutputFormat = body.output_format or "png"
-    decoder = openai_decoder(model.info, body.quality)
-    n = body.n or 1
-    job = Job(model, body.prompt, n, width, height, seed, output_format, body.output_compression, decoder)
+    job = resolve_job(
+        state,
+        model,
+        body,
+        size=parse_size(body.size, None, None, model.info),
+        n=body.n or 1,
+        seed=body.seed,
+        decoder=openai_decoder(model.info, body.quality),
+        output_format=output_format,
+        quality=body.output_compression,
+    )
     output = await run_job(state, job, caller, request.receive, b64=True)
+    key = job.request.batch_key
     response = OpenAIImagesResponse(
         created=int(time.time()),
         model=model.name,
         decoder=output.decoder,
         data=_data(output),
-        size=f"{width}x{height}",
+        size=f"{key.width}x{key.height}",
         output_format=output_format,
     )
     return Response(response.model_dump_json(), media_type="application/json", headers=_headers(output))

@@ -15,9 +15,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.types import BatchKey
 from service.errors import QueueFull, RateLimited, TooCostly
 from service.scheduling.batcher import MicroBatcher
-from service.scheduling.cost import CostModel, Size
+from service.scheduling.cost import CostModel
 from service.settings import Settings
 
 _MAX_BUCKETS = 10_000  # clients remembered by the rate limiter; the least recently seen go first
@@ -74,7 +75,7 @@ class Admission:
     def admit(
         self,
         client: str,
-        size: Size,
+        key: BatchKey,
         images: int,
         deadline: float,
         size_multiple: int,
@@ -83,10 +84,10 @@ class Admission:
     ) -> float:
         """The request's estimated device seconds by its model's own `cost_model`, once it may be queued; else
         the refusal, raised. The queue bound counts every model's work in the same device seconds."""
-        cost = cost_model.seconds(size, images)
+        cost = cost_model.seconds(key, images)
         limit = min(self.settings.max_request_s, self.settings.request_timeout_s)
         if cost > limit:
-            raise TooCostly(_too_costly(cost_model, size, images, cost, limit, size_multiple))
+            raise TooCostly(_too_costly(cost_model, key, images, cost, limit, size_multiple))
         if self.rate is not None:
             wait = self.rate.wait_s(client, images)
             if wait > 0:
@@ -96,7 +97,7 @@ class Admission:
                     retry_after_s=wait,
                 )
         queue_limit = self.settings.queue_limit_s
-        queued = self.batcher.queued_seconds
+        queued = self.batcher.ledger.queued_seconds
         if queued + cost > queue_limit:
             raise QueueFull(
                 f"the queue holds about {queued:.1f} s of device work, and this request adds {cost:.2f} s "
@@ -104,7 +105,7 @@ class Admission:
                 retry_after_s=queued + cost - queue_limit,
             )
         share = self.settings.client_share * queue_limit
-        mine = self.batcher.client_seconds(client)
+        mine = self.batcher.ledger.client_seconds(client)
         if mine + cost > share:
             raise QueueFull(
                 f"this client already has about {mine:.1f} s of device work queued, and may hold {share:g} s; "
@@ -115,7 +116,7 @@ class Admission:
         wait = self.batcher.wait_estimate_s(client)
         # Its images are done when the batches they ride in are: count each part as a full batch.
         batch = self.settings.engine.max_batch_size
-        finish = wait + -(-images // batch) * cost_model.batch_seconds(size, batch)
+        finish = wait + -(-images // batch) * cost_model.batch_seconds(key, batch)
         if finish > left:
             raise QueueFull(
                 f"the device could not finish this request within the {self.settings.request_timeout_s:g} s "
@@ -128,11 +129,13 @@ class Admission:
         return cost
 
 
-def _too_costly(model: CostModel, size: Size, images: int, cost: float, limit: float, multiple: int) -> str:
-    width, height = size
+def _too_costly(
+    model: CostModel, key: BatchKey, images: int, cost: float, limit: float, multiple: int
+) -> str:
+    width, height = key.width, key.height
     each = cost / images
-    fits = model.largest_images(size, limit)
-    side = model.largest_square(images, limit, multiple, max(width, height))
+    fits = model.largest_images(key, limit)
+    side = model.largest_square(key, images, limit, multiple, max(width, height))
     ways = []
     if fits >= 1:
         ways.append(f"ask for at most {fits} image{'s' if fits > 1 else ''} at {width}x{height}")

@@ -1,6 +1,7 @@
 """The micro-batcher: a bounded queue of pending work that hands the device worker one batch at a time.
 
-A batch holds items of one key (`BatchKey`: same model, same output size), at most `max_batch_images` images, and closes
+A batch holds items of one model and one `engine.types.BatchKey` (the size and decoder its requests
+share), at most `max_batch_images` images, and closes
 - when it is full;
 - when its oldest item has waited `max_wait_s` counted from when the device was free to take it
   (the window opens at `next_batch()`, as in Ray Serve): items that queued behind a running batch
@@ -29,23 +30,15 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Generic, TypeVar
 
-from engine.types import Decoder, GeneratedImage, GenerationRequest
+from engine.types import BatchKey, GeneratedImage, GenerationRequest
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+from service.scheduling.ledger import DeviceLedger
+
+M = TypeVar("M", bound=Hashable)  # the model a work item is for; the batcher only groups by it
 
 PEAK_WINDOW_S = 5.0  # how long the batcher remembers that N requests were in flight at once
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """What requests must share to ride in one batch: the model that makes them, their size and the
-    decoder that turns their latents into pixels. The batcher itself treats keys as opaque; a new field
-    here is a new way for batches to differ."""
-
-    model: str
-    width: int
-    height: int
-    decoder: Decoder = Decoder.FULL
 
 
 @dataclass
@@ -67,8 +60,8 @@ class _Ticket:
 
 
 @dataclass(eq=False)
-class WorkItem:
-    key: Hashable
+class WorkItem(Generic[M]):
+    model: M  # what makes its images (the service's ServedModel; opaque here)
     requests: Sequence[GenerationRequest]
     future: asyncio.Future[ItemResult]
     enqueued_at: float  # monotonic
@@ -85,12 +78,18 @@ class WorkItem:
     def images(self) -> int:
         return len(self.requests)
 
+    @property
+    def group(self) -> tuple[M, BatchKey]:
+        """Items of one group may share a batch: one model, one size and decoder."""
+        return self.model, self.requests[0].batch_key
+
 
 @dataclass
-class Batch:
+class Batch(Generic[M]):
     id: int
-    key: Hashable
-    items: list[WorkItem]
+    model: M
+    key: BatchKey  # what its requests share: size and decoder
+    items: list[WorkItem[M]]
     formed_at: float  # monotonic
 
     @property
@@ -103,15 +102,14 @@ class Batch:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height) of its images; the key may hold more (what else must match to share a batch)."""
-        first = self.items[0].requests[0]
-        return first.width, first.height
+        """(width, height) of its images."""
+        return self.key.width, self.key.height
 
     @property
     def cost_s(self) -> float:
         return sum(item.cost_s for item in self.items)
 
-    def live_items(self, now: float, seconds_for: Callable[[int], float]) -> list[WorkItem]:
+    def live_items(self, now: float, seconds_for: Callable[[int], float]) -> list[WorkItem[M]]:
         """The items still worth computing: not abandoned, and able to finish before their deadline
         if the batch starts now (`seconds_for(images)` estimates the batch). Safe on the device thread."""
         # future.done() is a plain read of its state: current even before its callbacks (which set
@@ -159,7 +157,7 @@ class RecentPeak:
             self._since = self._clock()
 
 
-class MicroBatcher:
+class MicroBatcher(Generic[M]):
     """Bounded (in images, not items) queue of work items with futures; see the module docstring."""
 
     def __init__(
@@ -170,9 +168,11 @@ class MicroBatcher:
         capacity_images: int,
         early_close: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        ledger: DeviceLedger | None = None,
     ):
         """`early_close`: close a batch as soon as the recent peak of requests in flight is queued
-        (see `arrival()`). `clock` is for tests; deadlines passed to submit() must use it."""
+        (see `arrival()`). `clock` is for tests; deadlines passed to submit() must use it. `ledger`
+        hears of every item's estimated device seconds as it is queued, taken, and done."""
         if max_batch_images < 1 or capacity_images < 1:
             raise ValueError("max_batch_images and capacity_images must be at least 1")
         self.max_batch_images = max_batch_images
@@ -181,13 +181,11 @@ class MicroBatcher:
         self._clock = clock
         self.in_flight = RecentPeak(PEAK_WINDOW_S, clock) if early_close else None
         # asyncio.Queue bounds items; the bound that protects the device is in images, kept by submit().
-        self._queue: asyncio.Queue[WorkItem | None] = asyncio.Queue()
-        self._groups: dict[Hashable, list[WorkItem]] = {}
+        self._queue: asyncio.Queue[WorkItem[M] | None] = asyncio.Queue()
+        self._groups: dict[tuple[M, BatchKey], list[WorkItem[M]]] = {}
         self._pending_images = 0
         self._pending_requests = 0
-        self._queued_s = 0.0  # estimated device seconds admitted and not yet handed to the device
-        self._running_s = 0.0  # estimated device seconds handed to the device and not yet finished
-        self._client_s: dict[str, float] = {}  # queued seconds by client
+        self.ledger = ledger or DeviceLedger()
         self._virtual = 0.0  # fair-queue virtual time: the start tag of the latest batch's head
         self._finish: dict[str, float] = {}  # each client's last finish tag
         self._closed = False
@@ -198,20 +196,12 @@ class MicroBatcher:
         """Images admitted and not yet handed to the device (cancelled and expired ones excluded)."""
         return self._pending_images
 
-    @property
-    def queued_seconds(self) -> float:
-        """Estimated device seconds of everything admitted and not yet finished (queued and running)."""
-        return max(self._queued_s, 0.0) + max(self._running_s, 0.0)
-
-    def client_seconds(self, client: str) -> float:
-        return max(self._client_s.get(client, 0.0), 0.0)
-
     def wait_estimate_s(self, client: str) -> float:
         """Estimated device seconds before a new item from `client` would start: the running batches
         and every queued item the fair queue would take first."""
         start = max(self._virtual, self._finish.get(client, self._virtual))
         ahead = sum(item.cost_s for item in self._queued_items() if item.tag <= start)
-        return max(self._running_s, 0.0) + ahead
+        return self.ledger.running_seconds + ahead
 
     @contextmanager
     def arrival(self) -> Iterator[None]:
@@ -227,7 +217,7 @@ class MicroBatcher:
 
     def submit(
         self,
-        key: Hashable,
+        model: M,
         requests: Sequence[GenerationRequest],
         deadline: float,
         *,
@@ -237,16 +227,19 @@ class MicroBatcher:
     ) -> list[asyncio.Future[ItemResult]]:
         """Admit all of `requests` or none (QueueFull / ShuttingDown), split into items of at most one batch.
 
+        The requests share everything a batch must (`batch_key`: one request's images); `model` makes them.
         `cost_s` is the whole request's estimated device time, shared among its items by images."""
         if self._closed:
             raise ShuttingDown("the server is shutting down and takes no new work")
         if not requests:
             raise ValueError("submit() needs at least one request")
+        if len({request.batch_key for request in requests}) != 1:
+            raise ValueError("submit() takes requests that may share a batch (one batch_key)")
         if self._pending_images + len(requests) > self.capacity_images:
             raise QueueFull(
                 f"the queue is full ({self._pending_images} of {self.capacity_images} images waiting); "
                 "retry after the time in the Retry-After header",
-                retry_after_s=self.queued_seconds,
+                retry_after_s=self.ledger.queued_seconds,
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
@@ -258,12 +251,11 @@ class MicroBatcher:
             chunk = list(requests[start : start + self.max_batch_images])
             item_cost = cost_s * len(chunk) / len(requests)
             item = WorkItem(
-                key, chunk, loop.create_future(), now, deadline, ticket, client, request_id, item_cost, tag
+                model, chunk, loop.create_future(), now, deadline, ticket, client, request_id, item_cost, tag
             )
             tag += item_cost
             self._pending_images += item.images
-            self._queued_s += item_cost
-            self._client_s[client] = self._client_s.get(client, 0.0) + item_cost
+            self.ledger.queue(client, item_cost)
             item.future.add_done_callback(partial(self._on_done, item))
             self._queue.put_nowait(item)
             futures.append(item.future)
@@ -280,7 +272,7 @@ class MicroBatcher:
             for future in futures:
                 future.cancel()
 
-    async def next_batch(self) -> Batch:
+    async def next_batch(self) -> Batch[M]:
         """The next batch to run; never empty. Raises BatcherClosed once closed and drained."""
         window_opens = self._clock()
         while True:
@@ -300,7 +292,7 @@ class MicroBatcher:
             with suppress(asyncio.TimeoutError):
                 self._accept(await asyncio.wait_for(self._queue.get(), max(timeout, 0.0)))
 
-    def full_batch_nowait(self) -> Batch | None:
+    def full_batch_nowait(self) -> Batch[M] | None:
         """A full batch if one is waiting right now (the fair queue's first), else None; never waits."""
         self._move_queued_to_groups()
         now = self._clock()
@@ -312,9 +304,9 @@ class MicroBatcher:
         ]
         return self._take(min(full, key=lambda pair: pair[0])[1], now) if full else None
 
-    def finished(self, batch: Batch) -> None:
+    def finished(self, batch: Batch[M]) -> None:
         """The worker is done with `batch` (computed, skipped or failed): its cost leaves the estimate."""
-        self._running_s = max(self._running_s - batch.cost_s, 0.0)
+        self.ledger.finish(batch.cost_s)
 
     def close(self) -> None:
         """Take no new work; what is queued still comes out of next_batch, without waiting to fill."""
@@ -335,33 +327,28 @@ class MicroBatcher:
         self._groups.clear()
         return failed
 
-    def _queued_items(self) -> Iterator[WorkItem]:
+    def _queued_items(self) -> Iterator[WorkItem[M]]:
         for group in self._groups.values():
             yield from group
         # Items still in the asyncio queue (submitted since the last look) count too.
         yield from (item for item in self._queue._queue if item is not None)  # type: ignore[attr-defined]
 
-    def _on_done(self, item: WorkItem, _future: asyncio.Future[ItemResult]) -> None:
+    def _on_done(self, item: WorkItem[M], _future: asyncio.Future[ItemResult]) -> None:
         item.abandoned = True
         self._release(item)  # a cancelled or expired item stops counting against capacity at once
 
-    def _release(self, item: WorkItem) -> None:
+    def _release(self, item: WorkItem[M]) -> None:
         if not item.released:
             item.released = True
             self._pending_images -= item.images
-            self._queued_s -= item.cost_s
-            left = self._client_s.get(item.client, 0.0) - item.cost_s
-            if left > 1e-12:
-                self._client_s[item.client] = left
-            else:
-                self._client_s.pop(item.client, None)
+            self.ledger.dequeue(item.client, item.cost_s)
             item.ticket.pending_items -= 1
             if item.ticket.pending_items == 0:
                 self._pending_requests -= 1
 
-    def _accept(self, item: WorkItem | None) -> None:
+    def _accept(self, item: WorkItem[M] | None) -> None:
         if item is not None:
-            group = self._groups.setdefault(item.key, [])
+            group = self._groups.setdefault(item.group, [])
             bisect.insort(group, item, key=lambda i: i.tag)
 
     def _move_queued_to_groups(self) -> None:
@@ -370,7 +357,7 @@ class MicroBatcher:
 
     def _prune(self, now: float) -> None:
         for key in list(self._groups):
-            live: list[WorkItem] = []
+            live: list[WorkItem[M]] = []
             for item in self._groups[key]:
                 if item.future.done():
                     continue
@@ -387,10 +374,10 @@ class MicroBatcher:
             else:
                 del self._groups[key]
 
-    def _ready_key(self, now: float, window_opens: float) -> Hashable | None:
+    def _ready_key(self, now: float, window_opens: float) -> tuple[M, BatchKey] | None:
         """The ready group (full, window over, nothing else to wait for, or closing) first in the fair queue."""
         no_wait = self._closed or self._nobody_else_expected()
-        best: tuple[float, Hashable] | None = None
+        best: tuple[float, tuple[M, BatchKey]] | None = None
         for key, group in self._groups.items():
             oldest = min(item.enqueued_at for item in group)
             full = sum(item.images for item in group) >= self.max_batch_images
@@ -402,12 +389,12 @@ class MicroBatcher:
     def _nobody_else_expected(self) -> bool:
         return self.in_flight is not None and self.in_flight.peak() <= self._pending_requests
 
-    def _take(self, key: Hashable, now: float) -> Batch:
+    def _take(self, group: tuple[M, BatchKey], now: float) -> Batch[M]:
         """Fair-queue order; later items that still fit may join, so a large item never blocks small ones."""
-        taken: list[WorkItem] = []
-        rest: list[WorkItem] = []
+        taken: list[WorkItem[M]] = []
+        rest: list[WorkItem[M]] = []
         images = 0
-        for item in self._groups.pop(key):
+        for item in self._groups.pop(group):
             if images + item.images <= self.max_batch_images:
                 taken.append(item)
                 images += item.images
@@ -415,9 +402,10 @@ class MicroBatcher:
             else:
                 rest.append(item)
         if rest:
-            self._groups[key] = rest
-        batch = Batch(next(self._batch_ids), key, taken, now)
-        self._running_s += batch.cost_s
+            self._groups[group] = rest
+        model, key = group
+        batch = Batch(next(self._batch_ids), model, key, taken, now)
+        self.ledger.start(batch.cost_s)
         self._virtual = max(self._virtual, taken[0].tag)
         self._finish = {client: tag for client, tag in self._finish.items() if tag > self._virtual}
         return batch

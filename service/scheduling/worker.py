@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 from engine.types import DEVICE_STAGES, BatchResult, GenerationRequest
 from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
 from service.metrics import ServiceMetrics
-from service.models import Models, ServedModel
-from service.scheduling.batcher import Batch, BatcherClosed, BatchKey, ItemResult, MicroBatcher, WorkItem
+from service.models import ServedModel
+from service.scheduling.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, WorkItem
 
 logger = logging.getLogger(__name__)
 
@@ -28,24 +28,27 @@ class EngineContractError(RuntimeError):
     """The engine returned something other than one image per request, in order."""
 
 
-def _size(batch: Batch) -> str:
+ModelBatch = Batch[ServedModel]
+ModelItem = WorkItem[ServedModel]
+
+
+def _size(batch: ModelBatch) -> str:
     width, height = batch.size
     return f"{width}x{height}"
 
 
-def _request_ids(items: Sequence[WorkItem]) -> str:
+def _request_ids(items: Sequence[ModelItem]) -> str:
     return ",".join(item.request_id or "-" for item in items)
 
 
-def _fields(batch: Batch, items: Sequence[WorkItem], **more: Any) -> dict[str, Any]:
+def _fields(batch: ModelBatch, items: Sequence[ModelItem], **more: Any) -> dict[str, Any]:
     """`extra=` for a batch's log line: which requests rode in it, as structured fields."""
     images = sum(item.images for item in items)
     ids = [item.request_id for item in items if item.request_id]
-    model = batch.key.model if isinstance(batch.key, BatchKey) else None
     return {
         "fields": {
             "batch_id": batch.id,
-            "model": model,
+            "model": batch.model.name,
             "images": images,
             "size": _size(batch),
             "request_ids": ids,
@@ -72,24 +75,23 @@ def check_result(result: BatchResult, requests: Sequence[GenerationRequest]) -> 
 class _Done:
     """What the device thread did with a batch: the items it computed (none: all skipped) and how long."""
 
-    live: list[WorkItem]
+    live: list[ModelItem]
     result: BatchResult | None
     seconds: float
 
 
 @dataclass
 class _Run:
-    batch: Batch
+    batch: ModelBatch
     future: asyncio.Future[_Done]
 
 
 class DeviceWorker:
     """Runs everything that touches the device (load, warmup, generate) on one thread, one call at a time."""
 
-    def __init__(self, batcher: MicroBatcher, metrics: ServiceMetrics):
+    def __init__(self, batcher: MicroBatcher[ServedModel], metrics: ServiceMetrics):
         self._batcher = batcher
         self._metrics = metrics
-        self._models = Models()
         self.busy_since: float | None = None  # monotonic start of the device call in progress
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiue-device")
         self._task: asyncio.Task[None] | None = None
@@ -98,9 +100,8 @@ class DeviceWorker:
         """Run `fn` on the device thread without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def start(self, models: Models) -> None:
-        """Serve batches for `models`, each on the pipeline its key names."""
-        self._models = models
+    def start(self) -> None:
+        """Serve batches, each on the pipeline of the model it carries."""
         self._task = asyncio.create_task(self._serve(), name="tiue-device-worker")
 
     async def stop(self, timeout_s: float) -> None:
@@ -161,19 +162,14 @@ class DeviceWorker:
                     )
             raise
 
-    def _model(self, batch: Batch) -> ServedModel:
-        if not isinstance(batch.key, BatchKey):
-            raise TypeError(f"batch {batch.id} has key {batch.key!r}, not a BatchKey naming its model")
-        return self._models.get(batch.key.model)
-
-    def _submit(self, batch: Batch) -> _Run:
-        model = self._model(batch)
-        pipeline, cost, size = model.pipeline, model.cost, batch.size
+    def _submit(self, batch: ModelBatch) -> _Run:
+        model = batch.model
+        pipeline, cost, key = model.pipeline, model.cost, batch.key
         for item in batch.items:
             self._metrics.queue_wait.labels(model=model.name).observe(batch.formed_at - item.enqueued_at)
 
         def seconds_for(images: int) -> float:
-            return cost.batch_seconds(size, images)
+            return cost.batch_seconds(key, images)
 
         def run() -> _Done:
             # On the device thread, just before it runs: a staged batch may have waited behind another.
@@ -219,7 +215,7 @@ class DeviceWorker:
             return
         self._deliver(batch, done)
 
-    def _skip(self, batch: Batch, live: list[WorkItem]) -> None:
+    def _skip(self, batch: ModelBatch, live: list[ModelItem]) -> None:
         """Items dropped just before the batch ran: never computed, so never wasted."""
         now = time.monotonic()
         for item in batch.items:
@@ -236,11 +232,11 @@ class DeviceWorker:
                     )
                 )
 
-    def _deliver(self, batch: Batch, done: _Done) -> None:
+    def _deliver(self, batch: ModelBatch, done: _Done) -> None:
         assert done.result is not None
         result, requests = done.result, [r for item in done.live for r in item.requests]
-        model = self._model(batch)
-        model.cost.observe(batch.size, len(requests), done.seconds)
+        model = batch.model
+        model.cost.observe(batch.key, len(requests), done.seconds)
         self._metrics.images_generated.labels(model=model.name).inc(len(requests))
         self._metrics.batch_size.labels(model=model.name).observe(len(requests))
         for stage, stage_s in result.timings.items():
@@ -272,7 +268,7 @@ class DeviceWorker:
             )
 
     @staticmethod
-    def _fail(batch: Batch, make_error: Callable[[], BaseException]) -> None:
+    def _fail(batch: ModelBatch, make_error: Callable[[], BaseException]) -> None:
         for item in batch.items:
             if not item.future.done():
                 item.future.set_exception(make_error())

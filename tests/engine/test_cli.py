@@ -97,3 +97,15 @@ def test_a_bad_setting_names_the_command_and_the_field(
         "tiue generate: invalid settings",
         "  steps: Input should be greater than or equal to 1",
     ]
+
+
+@pytest.mark.parametrize("seed", [str(2**32), "-1", "1e3", "٣"])
+def test_a_seed_out_of_range_is_one_line_and_exit_2(
+    seed: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "cat", "--seed", seed, "--out", str(tmp_path / "x.png")])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "give a whole number from 0 to 4294967295" in error and "Traceback" not in error
+    assert not (tmp_path / "x.png").exists()

@@ -34,7 +34,7 @@ def test_vae_tiny_in_the_model_folder_is_loaded_and_listed(pipeline: TiUEPipelin
 def test_without_vae_tiny_only_the_full_decoder_is_offered(tiny_model_dir: Path) -> None:
     pipe = load_pipeline(EngineConfig(model_dir=tiny_model_dir))
     assert pipe.info.decoders == (Decoder.FULL,)
-    with pytest.raises(InvalidRequestError, match="decoder tiny is not available .* choose one of: full"):
+    with pytest.raises(InvalidRequestError, match="decoder 'tiny' is not available .* choose one of: full"):
         pipe.generate([_req(0, Decoder.TINY)])
 
 

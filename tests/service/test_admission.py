@@ -8,15 +8,16 @@ from functools import partial
 
 import pytest
 
-from engine.types import GenerationRequest
+from engine.types import BatchKey, Decoder, GenerationRequest
 from service.errors import QueueFull, RateLimited, TooCostly
 from service.scheduling.admission import Admission, RateLimiter
 from service.scheduling.batcher import MicroBatcher
 from service.scheduling.cost import CostModel
 from service.settings import Settings
 
-NATIVE = (64, 64)
-LARGE = (128, 128)
+NATIVE = BatchKey(64, 64)
+LARGE = BatchKey(128, 128)
+MODEL = "model"
 FAR = 3600.0
 
 
@@ -28,25 +29,25 @@ def measured(**per_image: float) -> CostModel:
     cost = CostModel()
     for name, seconds in per_image.items():
         width, height = (int(v) for v in name.removeprefix("s").split("x"))
-        cost.observe((width, height), 4, 4 * seconds)
+        cost.observe(BatchKey(width, height), 4, 4 * seconds)
     return cost
 
 
 def test_an_unseen_size_scales_with_the_fitted_exponent() -> None:
     cost = measured(s64x64=0.1, s128x128=0.8)  # 4x the area, 8x the time: exponent 1.5
-    assert cost.seconds_per_image((256, 256)) == pytest.approx(0.8 * 4**1.5)
-    assert cost.seconds_per_image((96, 96)) == pytest.approx(0.8 * (96 * 96 / 128**2) ** 1.5)
+    assert cost.seconds_per_image(BatchKey(256, 256)) == pytest.approx(0.8 * 4**1.5)
+    assert cost.seconds_per_image(BatchKey(96, 96)) == pytest.approx(0.8 * (96 * 96 / 128**2) ** 1.5)
     assert cost.seconds(NATIVE, 3) == pytest.approx(0.3)
 
 
 def test_the_exponent_stays_between_area_and_area_squared() -> None:
-    assert measured(s64x64=0.1, s128x128=0.1).seconds_per_image((256, 256)) == pytest.approx(0.4)
-    assert measured(s64x64=0.1, s128x128=10.0).seconds_per_image((256, 256)) == pytest.approx(160.0)
+    assert measured(s64x64=0.1, s128x128=0.1).seconds_per_image(BatchKey(256, 256)) == pytest.approx(0.4)
+    assert measured(s64x64=0.1, s128x128=10.0).seconds_per_image(BatchKey(256, 256)) == pytest.approx(160.0)
 
 
 def test_one_measured_size_extrapolates_conservatively() -> None:
     cost = measured(s64x64=0.05)
-    assert cost.seconds_per_image((1024, 1024)) == pytest.approx(0.05 * 256**1.5)  # minutes, not 4 s
+    assert cost.seconds_per_image(BatchKey(1024, 1024)) == pytest.approx(0.05 * 256**1.5)  # minutes, not 4 s
 
 
 def test_a_batch_is_estimated_from_the_closest_measured_batch_not_per_image() -> None:
@@ -58,6 +59,16 @@ def test_a_batch_is_estimated_from_the_closest_measured_batch_not_per_image() ->
     assert cost.batch_seconds(NATIVE, 3) == pytest.approx(0.45)  # no slower than the batch of 4
     assert cost.batch_seconds(NATIVE, 8) == pytest.approx(0.9)
     assert cost.batch_seconds(LARGE, 1) > cost.seconds(LARGE, 1)  # never measured: a margin on top
+
+
+def test_each_decoder_has_its_own_estimate() -> None:
+    full, tiny = BatchKey(64, 64, Decoder.FULL), BatchKey(64, 64, Decoder.TINY)
+    cost = CostModel()
+    cost.observe(full, 4, 0.8)
+    assert cost.seconds_per_image(tiny) == pytest.approx(0.2)  # none of its own yet: the full one's
+    cost.observe(tiny, 4, 0.2)
+    assert (cost.seconds_per_image(full), cost.seconds_per_image(tiny)) == pytest.approx((0.2, 0.05))
+    assert cost.seconds_per_image(BatchKey(128, 128, Decoder.TINY)) == pytest.approx(0.05 * 4**1.5)
 
 
 def test_batches_refine_the_estimate() -> None:
@@ -87,7 +98,7 @@ async def test_a_request_dearer_than_the_limit_is_refused_with_a_way_under_it() 
 
 async def test_the_queue_is_bounded_in_device_seconds_and_retry_after_follows() -> None:
     admit, batcher = admission(measured(s64x64=1.0), max_queue_s=4.0, client_share=1.0)
-    batcher.submit(NATIVE, reqs(3), time.monotonic() + FAR, client="a", cost_s=3.0)
+    batcher.submit(MODEL, reqs(3), time.monotonic() + FAR, client="a", cost_s=3.0)
     admit("b", NATIVE, 1, time.monotonic() + FAR, 16)  # 3 + 1 fits exactly
     with pytest.raises(QueueFull) as full:
         admit("b", NATIVE, 3, time.monotonic() + FAR, 16)
@@ -96,7 +107,7 @@ async def test_the_queue_is_bounded_in_device_seconds_and_retry_after_follows() 
 
 async def test_one_client_may_hold_only_its_share_of_the_queue() -> None:
     admit, batcher = admission(measured(s64x64=1.0), max_queue_s=8.0, client_share=0.5)
-    batcher.submit(NATIVE, reqs(4), time.monotonic() + FAR, client="hog", cost_s=4.0)
+    batcher.submit(MODEL, reqs(4), time.monotonic() + FAR, client="hog", cost_s=4.0)
     with pytest.raises(QueueFull, match="this client already has about 4.0 s"):
         admit("hog", NATIVE, 1, time.monotonic() + FAR, 16)
     assert admit("newcomer", NATIVE, 1, time.monotonic() + FAR, 16) == pytest.approx(1.0)
@@ -104,7 +115,7 @@ async def test_one_client_may_hold_only_its_share_of_the_queue() -> None:
 
 async def test_a_request_the_queue_would_not_reach_in_time_is_refused_at_once() -> None:
     admit, batcher = admission(measured(s64x64=1.0), max_queue_s=100.0, client_share=1.0)
-    batcher.submit(NATIVE, reqs(8), time.monotonic() + FAR, client="a", cost_s=8.0)  # two items of 4 s
+    batcher.submit(MODEL, reqs(8), time.monotonic() + FAR, client="a", cost_s=8.0)  # two items of 4 s
     with pytest.raises(QueueFull, match="could not finish this request") as late:
         # 8 s ahead, then its images ride in a batch of up to 4 (4 s): done after 12 s > 9 s
         admit("a", NATIVE, 2, time.monotonic() + 9.0, 16)
@@ -133,8 +144,8 @@ def test_the_rate_limiter_refills_and_caps_at_the_burst() -> None:
 
 async def test_a_backlog_from_one_client_does_not_hold_back_another() -> None:
     b = MicroBatcher(max_batch_images=2, max_wait_s=0.0, capacity_images=64)
-    b.submit(NATIVE, reqs(8, seed=0), time.monotonic() + FAR, client="hog", cost_s=8.0)
-    b.submit(NATIVE, reqs(1, seed=100), time.monotonic() + FAR, client="small", cost_s=1.0)
+    b.submit(MODEL, reqs(8, seed=0), time.monotonic() + FAR, client="hog", cost_s=8.0)
+    b.submit(MODEL, reqs(1, seed=100), time.monotonic() + FAR, client="small", cost_s=1.0)
     seeds = [[r.seed for r in (await b.next_batch()).requests] for _ in range(3)]
     assert seeds[0] == [0, 1]
     assert 100 in seeds[1]  # right after the hog's first batch, not after all four
@@ -143,17 +154,17 @@ async def test_a_backlog_from_one_client_does_not_hold_back_another() -> None:
 async def test_fair_order_interleaves_clients_by_their_cost() -> None:
     b = MicroBatcher(max_batch_images=1, max_wait_s=0.0, capacity_images=64)
     for seed in range(3):
-        b.submit(NATIVE, reqs(1, seed=seed), time.monotonic() + FAR, client="a", cost_s=1.0)
+        b.submit(MODEL, reqs(1, seed=seed), time.monotonic() + FAR, client="a", cost_s=1.0)
     for seed in range(10, 13):
-        b.submit(NATIVE, reqs(1, seed=seed), time.monotonic() + FAR, client="b", cost_s=1.0)
+        b.submit(MODEL, reqs(1, seed=seed), time.monotonic() + FAR, client="b", cost_s=1.0)
     order = [(await b.next_batch()).requests[0].seed for _ in range(6)]
     assert order == [0, 10, 1, 11, 2, 12]
 
 
 async def test_wait_estimate_counts_running_work_and_what_the_fair_queue_puts_first() -> None:
     b = MicroBatcher(max_batch_images=2, max_wait_s=0.0, capacity_images=64)
-    b.submit(NATIVE, reqs(4), time.monotonic() + FAR, client="a", cost_s=4.0)
+    b.submit(MODEL, reqs(4), time.monotonic() + FAR, client="a", cost_s=4.0)
     await b.next_batch()  # 2 s of it on the device
-    assert b.queued_seconds == pytest.approx(4.0)
+    assert b.ledger.queued_seconds == pytest.approx(4.0)
     assert b.wait_estimate_s("a") == pytest.approx(4.0)  # its own remaining item is ahead of it
     assert b.wait_estimate_s("b") == pytest.approx(2.0)  # only the running batch

@@ -7,12 +7,13 @@ import time
 
 import pytest
 
-from engine.types import GenerationRequest
+from engine.types import BatchKey, GenerationRequest
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
 from service.scheduling.batcher import Batch, BatcherClosed, ItemResult, MicroBatcher, RecentPeak
 
-SMALL = (64, 64)
-WIDE = (128, 64)
+SMALL = BatchKey(64, 64)
+WIDE = BatchKey(128, 64)
+MODEL = "model"  # the batcher groups by model too, and treats it as opaque
 FAR = 3600.0  # a deadline nobody reaches
 
 
@@ -27,7 +28,7 @@ def batcher(max_batch: int = 4, wait_s: float = 10.0, capacity: int = 64) -> Mic
 def submit(
     b: MicroBatcher, n: int = 1, size: tuple[int, int] = SMALL, seed: int = 0, deadline: float | None = None
 ):
-    return b.submit(size, reqs(n, size, seed), time.monotonic() + FAR if deadline is None else deadline)
+    return b.submit(MODEL, reqs(n, size, seed), time.monotonic() + FAR if deadline is None else deadline)
 
 
 async def next_batch(b: MicroBatcher, timeout: float = 2.0) -> Batch:
@@ -71,7 +72,7 @@ class FakeClock:
 async def test_window_opens_when_the_device_is_free_to_take_the_batch() -> None:
     clock = FakeClock()
     b = MicroBatcher(max_batch_images=4, max_wait_s=10.0, capacity_images=64, clock=clock)
-    b.submit(SMALL, reqs(), clock.now + FAR)
+    b.submit(MODEL, reqs(), clock.now + FAR)
     clock.now += 60.0  # queued behind a long batch: far past max_wait when next_batch() is called
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(b.next_batch(), 0.05)  # the clock stands still: a fresh window, not over
@@ -204,7 +205,7 @@ async def test_full_queue_refuses_the_whole_request_with_a_retry_hint() -> None:
 
 async def test_retry_after_is_the_queued_device_time() -> None:
     b = batcher(max_batch=4, capacity=8)
-    b.submit(SMALL, reqs(8), time.monotonic() + FAR, cost_s=4.0)  # 8 images estimated at 0.5 s each
+    b.submit(MODEL, reqs(8), time.monotonic() + FAR, cost_s=4.0)  # 8 images estimated at 0.5 s each
     with pytest.raises(QueueFull) as info:
         submit(b)
     assert info.value.headers["Retry-After"] == "4"
@@ -243,7 +244,7 @@ async def test_fail_pending_fails_every_waiting_item() -> None:
 
 async def test_process_cancels_sibling_items_when_its_caller_is_cancelled() -> None:
     b = batcher(max_batch=2, wait_s=FAR)
-    task = asyncio.create_task(b.results(b.submit(SMALL, reqs(4), time.monotonic() + FAR)))
+    task = asyncio.create_task(b.results(b.submit(MODEL, reqs(4), time.monotonic() + FAR)))
     await asyncio.sleep(0)
     assert b.pending_images == 4
     task.cancel()
@@ -255,7 +256,7 @@ async def test_process_cancels_sibling_items_when_its_caller_is_cancelled() -> N
 
 async def test_process_returns_results_in_submission_order() -> None:
     b = batcher(max_batch=2, wait_s=0.0)
-    task = asyncio.create_task(b.results(b.submit(SMALL, reqs(3), time.monotonic() + FAR)))
+    task = asyncio.create_task(b.results(b.submit(MODEL, reqs(3), time.monotonic() + FAR)))
     for _ in range(2):
         batch = await next_batch(b)
         for item in reversed(batch.items):  # resolve out of order on purpose

@@ -11,47 +11,48 @@ from collections.abc import Sequence
 import pytest
 from fakes import FAKE_INFO, FakeEngine, wait_until
 
-from engine.types import BatchResult, GenerationRequest
+from engine.types import BatchKey, BatchResult, GenerationRequest
 from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
 from service.metrics import ServiceMetrics
-from service.models import Models, ServedModel
-from service.scheduling.batcher import BatchKey, MicroBatcher
+from service.models import ServedModel
+from service.scheduling.batcher import MicroBatcher
 from service.scheduling.worker import DeviceWorker
 
-SIZE = (64, 64)
-KEY = BatchKey(FAKE_INFO.name, *SIZE)
+SIZE = BatchKey(64, 64)
 
 
 def reqs(n: int, seed: int = 0) -> list[GenerationRequest]:
-    return [GenerationRequest("p", seed + i, *SIZE) for i in range(n)]
+    return [GenerationRequest("p", seed + i, SIZE.width, SIZE.height) for i in range(n)]
 
 
-def one_model(engine: FakeEngine, seconds_per_image: float) -> Models:
+def one_model(engine: FakeEngine, seconds_per_image: float) -> ServedModel:
     """The engine as the only model, its cost model believing each image takes `seconds_per_image`."""
     model = ServedModel(FAKE_INFO.name, engine, 0)
     model.cost.observe(SIZE, 1, seconds_per_image)
     model.cost.observe(SIZE, 4, 4 * seconds_per_image)
-    models = Models()
-    models.add(model)
-    return models
+    return model
 
 
 def deadline() -> float:
     return time.monotonic() + 60
 
 
-def setup(engine: FakeEngine, max_batch: int = 4, wait_s: float = 0.0) -> tuple[MicroBatcher, DeviceWorker]:
-    batcher = MicroBatcher(max_batch_images=max_batch, max_wait_s=wait_s, capacity_images=64)
+def setup(
+    engine: FakeEngine, max_batch: int = 4, wait_s: float = 0.0
+) -> tuple[MicroBatcher[ServedModel], DeviceWorker, ServedModel]:
+    batcher: MicroBatcher[ServedModel] = MicroBatcher(
+        max_batch_images=max_batch, max_wait_s=wait_s, capacity_images=64
+    )
     worker = DeviceWorker(batcher, ServiceMetrics(max_batch))
-    worker.start(one_model(engine, 0.001))  # fast: a full batch is staged behind the running one
-    return batcher, worker
+    worker.start()
+    return batcher, worker, one_model(engine, 0.001)  # fast: a full batch is staged behind the running one
 
 
 async def test_results_reach_the_right_futures_in_order(engine: FakeEngine) -> None:
     engine.gate.clear()
-    batcher, worker = setup(engine, wait_s=10.0)
-    futures = batcher.submit(KEY, reqs(1, seed=0), deadline()) + batcher.submit(
-        KEY, reqs(3, seed=10), deadline()
+    batcher, worker, model = setup(engine, wait_s=10.0)
+    futures = batcher.submit(model, reqs(1, seed=0), deadline()) + batcher.submit(
+        model, reqs(3, seed=10), deadline()
     )
     assert [r.seed for r in await engine.wait_entered()] == [0, 10, 11, 12]  # one batch of 4
     engine.gate.set()
@@ -65,10 +66,10 @@ async def test_results_reach_the_right_futures_in_order(engine: FakeEngine) -> N
 async def test_a_failing_batch_fails_all_its_requests_and_only_them(caplog: pytest.LogCaptureFixture) -> None:
     engine = FakeEngine(fail=lambda batch: batch[0].seed == 666)
     engine.gate.clear()
-    batcher, worker = setup(engine, max_batch=3, wait_s=10.0)
-    doomed = [batcher.submit(KEY, reqs(1, seed=666 + i), deadline())[0] for i in range(3)]
+    batcher, worker, model = setup(engine, max_batch=3, wait_s=10.0)
+    doomed = [batcher.submit(model, reqs(1, seed=666 + i), deadline())[0] for i in range(3)]
     await engine.wait_entered()
-    survivor = batcher.submit(KEY, reqs(1, seed=1), deadline())[0]
+    survivor = batcher.submit(model, reqs(1, seed=1), deadline())[0]
     with caplog.at_level(logging.ERROR, logger="service.scheduling.worker"):
         engine.gate.set()
         outcomes = await asyncio.gather(*doomed, return_exceptions=True)
@@ -89,9 +90,9 @@ class ShortEngine(FakeEngine):
 
 
 async def test_result_count_is_checked(caplog: pytest.LogCaptureFixture) -> None:
-    batcher, worker = setup(ShortEngine(), max_batch=2, wait_s=10.0)
+    batcher, worker, model = setup(ShortEngine(), max_batch=2, wait_s=10.0)
     with caplog.at_level(logging.ERROR, logger="service.scheduling.worker"):
-        futures = batcher.submit(KEY, reqs(2), deadline())
+        futures = batcher.submit(model, reqs(2), deadline())
         with pytest.raises(BatchFailed):
             await asyncio.wait_for(futures[0], 5)
     assert "returned 1 images for 2 requests" in caplog.text
@@ -100,9 +101,9 @@ async def test_result_count_is_checked(caplog: pytest.LogCaptureFixture) -> None
 
 async def test_a_result_for_a_request_cancelled_during_its_batch_is_dropped(engine: FakeEngine) -> None:
     engine.gate.clear()
-    batcher, worker = setup(engine, max_batch=2, wait_s=10.0)
-    gone, kept = batcher.submit(KEY, reqs(1, seed=0), deadline()) + batcher.submit(
-        KEY, reqs(1, seed=1), deadline()
+    batcher, worker, model = setup(engine, max_batch=2, wait_s=10.0)
+    gone, kept = batcher.submit(model, reqs(1, seed=0), deadline()) + batcher.submit(
+        model, reqs(1, seed=1), deadline()
     )
     await engine.wait_entered()
     gone.cancel()
@@ -114,13 +115,13 @@ async def test_a_result_for_a_request_cancelled_during_its_batch_is_dropped(engi
 
 async def test_stop_finishes_queued_work_within_the_grace_period(engine: FakeEngine) -> None:
     engine.gate.clear()
-    batcher, worker = setup(engine, max_batch=1)
-    futures = [batcher.submit(KEY, reqs(1, seed=i), deadline())[0] for i in range(3)]
+    batcher, worker, model = setup(engine, max_batch=1)
+    futures = [batcher.submit(model, reqs(1, seed=i), deadline())[0] for i in range(3)]
     await engine.wait_entered()
     stopping = asyncio.create_task(worker.stop(10))
     await asyncio.sleep(0)
     with pytest.raises(ShuttingDown):
-        batcher.submit(KEY, reqs(1), deadline())  # closed at once
+        batcher.submit(model, reqs(1), deadline())  # closed at once
     engine.gate.set()
     await asyncio.wait_for(stopping, 5)
     assert [(await f).images[0].seed for f in futures] == [0, 1, 2]
@@ -128,8 +129,8 @@ async def test_stop_finishes_queued_work_within_the_grace_period(engine: FakeEng
 
 async def test_stop_fails_what_is_left_when_the_grace_period_ends(engine: FakeEngine) -> None:
     engine.gate.clear()
-    batcher, worker = setup(engine, max_batch=1)
-    running, queued = (batcher.submit(KEY, reqs(1, seed=i), deadline())[0] for i in range(2))
+    batcher, worker, model = setup(engine, max_batch=1)
+    running, queued = (batcher.submit(model, reqs(1, seed=i), deadline())[0] for i in range(2))
     await engine.wait_entered()
     started = time.monotonic()
     await asyncio.wait_for(worker.stop(0.1), 5)
@@ -149,8 +150,8 @@ async def test_the_device_is_only_touched_from_one_thread() -> None:
             threads.add(threading.get_ident())
             return super().generate(requests)
 
-    batcher, worker = setup(ThreadRecorder(), max_batch=1)
-    futures = [batcher.submit(KEY, reqs(1, seed=i), deadline())[0] for i in range(4)]
+    batcher, worker, model = setup(ThreadRecorder(), max_batch=1)
+    futures = [batcher.submit(model, reqs(1, seed=i), deadline())[0] for i in range(4)]
     await asyncio.wait_for(asyncio.gather(*futures), 5)
     assert len(threads) == 1 and threading.get_ident() not in threads
     await worker.stop(5)
@@ -160,8 +161,8 @@ async def test_a_full_batch_is_staged_behind_the_running_one_and_a_partial_one_i
     engine: FakeEngine,
 ) -> None:
     engine.gate.clear()
-    batcher, worker = setup(engine, max_batch=4, wait_s=10.0)
-    futures = [batcher.submit(KEY, reqs(1, seed=i), deadline())[0] for i in range(14)]
+    batcher, worker, model = setup(engine, max_batch=4, wait_s=10.0)
+    futures = [batcher.submit(model, reqs(1, seed=i), deadline())[0] for i in range(14)]
     assert [r.seed for r in await engine.wait_entered()] == [0, 1, 2, 3]
     await wait_until(lambda: batcher.pending_images == 6)  # 4..7 staged on the device thread's queue
     await asyncio.sleep(0.05)
@@ -177,8 +178,8 @@ async def test_a_full_batch_is_staged_behind_the_running_one_and_a_partial_one_i
 
 async def test_stop_fails_a_staged_batch_too(engine: FakeEngine) -> None:
     engine.gate.clear()
-    batcher, worker = setup(engine, max_batch=1)
-    running, staged = (batcher.submit(KEY, reqs(1, seed=i), deadline())[0] for i in range(2))
+    batcher, worker, model = setup(engine, max_batch=1)
+    running, staged = (batcher.submit(model, reqs(1, seed=i), deadline())[0] for i in range(2))
     await engine.wait_entered()
     await wait_until(lambda: batcher.pending_images == 0)  # the second is staged
     await asyncio.wait_for(worker.stop(0.1), 5)
@@ -190,13 +191,15 @@ async def test_stop_fails_a_staged_batch_too(engine: FakeEngine) -> None:
 
 def setup_costed(
     engine: FakeEngine, seconds_per_image: float, max_batch: int = 4
-) -> tuple[MicroBatcher, DeviceWorker, ServiceMetrics]:
-    """A worker whose cost model believes each image takes `seconds_per_image`."""
-    batcher = MicroBatcher(max_batch_images=max_batch, max_wait_s=0.0, capacity_images=64)
+) -> tuple[MicroBatcher[ServedModel], DeviceWorker, ServiceMetrics, ServedModel]:
+    """A worker whose model's cost model believes each image takes `seconds_per_image`."""
+    batcher: MicroBatcher[ServedModel] = MicroBatcher(
+        max_batch_images=max_batch, max_wait_s=0.0, capacity_images=64
+    )
     metrics = ServiceMetrics(max_batch)
     worker = DeviceWorker(batcher, metrics)
-    worker.start(one_model(engine, seconds_per_image))
-    return batcher, worker, metrics
+    worker.start()
+    return batcher, worker, metrics, one_model(engine, seconds_per_image)
 
 
 def counted(metrics: ServiceMetrics, name: str, reason: str) -> float:
@@ -207,9 +210,9 @@ def counted(metrics: ServiceMetrics, name: str, reason: str) -> float:
 
 async def test_a_staged_batch_whose_requests_gave_up_is_never_computed(engine: FakeEngine) -> None:
     engine.gate.clear()
-    batcher, worker, metrics = setup_costed(engine, seconds_per_image=0.001)
-    running = batcher.submit(KEY, reqs(4, seed=0), deadline())
-    staged = batcher.submit(KEY, reqs(4, seed=10), deadline())  # a full batch: staged behind the first
+    batcher, worker, metrics, model = setup_costed(engine, seconds_per_image=0.001)
+    running = batcher.submit(model, reqs(4, seed=0), deadline())
+    staged = batcher.submit(model, reqs(4, seed=10), deadline())  # a full batch: staged behind the first
     await engine.wait_entered()  # the device holds batch 1; batch 2 waits in the device's queue
     for future in staged:
         future.cancel()  # its client hung up while it waited
@@ -225,11 +228,13 @@ async def test_a_request_that_cannot_finish_in_time_is_answered_504_without_comp
     engine: FakeEngine,
 ) -> None:
     engine.gate.clear()
-    batcher, worker, metrics = setup_costed(engine, seconds_per_image=1.0)  # the model says 1 s an image
-    running = batcher.submit(KEY, reqs(4, seed=0), deadline())
+    batcher, worker, metrics, model = setup_costed(
+        engine, seconds_per_image=1.0
+    )  # the model says 1 s an image
+    running = batcher.submit(model, reqs(4, seed=0), deadline())
     await engine.wait_entered()
-    (late,) = batcher.submit(KEY, reqs(1, seed=10), time.monotonic() + 0.5)  # needs ~1 s, has 0.5
-    keeps = batcher.submit(KEY, reqs(3, seed=20), deadline())
+    (late,) = batcher.submit(model, reqs(1, seed=10), time.monotonic() + 0.5)  # needs ~1 s, has 0.5
+    keeps = batcher.submit(model, reqs(3, seed=20), deadline())
     engine.gate.set()
     with pytest.raises(DeadlineExceeded, match="not computed"):
         await asyncio.wait_for(late, 5)
@@ -243,8 +248,8 @@ async def test_images_made_for_a_request_that_gave_up_meanwhile_are_counted_as_d
     engine: FakeEngine,
 ) -> None:
     engine.gate.clear()
-    batcher, worker, metrics = setup_costed(engine, seconds_per_image=0.001)
-    (future,) = batcher.submit(KEY, reqs(2), deadline())
+    batcher, worker, metrics, model = setup_costed(engine, seconds_per_image=0.001)
+    (future,) = batcher.submit(model, reqs(2), deadline())
     await engine.wait_entered()
     future.cancel()  # too late to skip: the device has it
     engine.gate.set()

@@ -25,9 +25,9 @@ async def queue_behind_the_held_device(
     tasks = [asyncio.create_task(client.post("/generate", json={**GOOD, "seed": 0}))]
     await engine.wait_entered()
     for seed in range(1, count):
-        admitted = served.state.batcher.queued_seconds
+        admitted = served.state.batcher.ledger.queued_seconds
         tasks.append(asyncio.create_task(client.post("/generate", json={**GOOD, "seed": seed})))
-        await wait_until(lambda admitted=admitted: served.state.batcher.queued_seconds > admitted)
+        await wait_until(lambda admitted=admitted: served.state.batcher.ledger.queued_seconds > admitted)
     return tasks
 
 
