@@ -74,7 +74,7 @@ class Plan:
 
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.smoke:
-        return Plan(True, window_s=1.5, warm_s=0.5, min_calls=2, min_s=0.2, peer_batches=(1, 2))
+        return Plan(True, window_s=1.5, warm_s=0.5, min_calls=2, min_s=0.2, peer_batches=(1,))
     return Plan(False, window_s=args.window_s, warm_s=1.0, min_calls=20, min_s=1.0)
 
 
@@ -326,7 +326,7 @@ def section_artefacts(
             env=build_env,
             capture_output=True,
             text=True,
-            timeout=max(1.0, deadline - time.monotonic() - 20),
+            timeout=max(1.0, deadline - time.monotonic() - (3 if plan.smoke else 20)),
         )
     except subprocess.TimeoutExpired:
         report.note("tiue build-engines --backend torch: cut at the time budget")
@@ -414,7 +414,8 @@ def children(
             report.note(f"{kind}: skipped, {left:.0f}s left and it may take {estimates[kind]:.0f}s")
         else:
             child_spec = {**spec, "batches": batches[kind], "started": time.monotonic()}
-            run_child(kind, child_spec, env, report, deadline)
+            # the smoke run keeps time for the artefact section, so that its code runs too
+            run_child(kind, child_spec, env, report, deadline - (25 if plan.smoke else 0))
 
 
 def parent(args: argparse.Namespace) -> int:
@@ -451,7 +452,7 @@ def parent(args: argparse.Namespace) -> int:
         left = deadline - time.monotonic()
         if "artefacts" in skip:
             report.note("built artefacts: skipped (--skip)")
-        elif left < (240 if not plan.smoke else 10):
+        elif left < (240 if not plan.smoke else 5):
             report.note(f"built artefacts: skipped, {left:.0f}s left")
         else:
             section_artefacts(report, args, plan, env, work, deadline)

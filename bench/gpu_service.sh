@@ -18,15 +18,16 @@ OUT=${OUT:-$PWD/gpu-service-out}
 mkdir -p "$OUT"
 
 site=$(mktemp -d /tmp/tiue-site.XXXXXX)
+wheels=()
 if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
-    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEEL_DIR"/*.whl
+    wheels=("$WHEEL_DIR"/*.whl)
 else
     echo "note: no wheels in $WHEEL_DIR: using what is installed (bench/gpu_check.sh --fetch-wheels makes them)"
 fi
-# The project itself; its dependencies are the machine's and the wheels'. No index: nothing is fetched.
+# The wheels and the project itself, into a folder of their own; no dependency resolution and no index:
+# nothing is fetched, and torch stays the machine's own.
 "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
-    --target "$site" .
-
+    --target "$site" "${wheels[@]}" .
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
 # Everything `tiue serve` and the bench import, before any time goes to the model.
 "$PY" -c 'import diffusers, fastapi, uvicorn, pydantic_settings, prometheus_client, service.app, service.cli, engine.pipeline'
