@@ -99,7 +99,10 @@ async def test_the_openai_client_asks_for_an_alias(engine: FakeEngine) -> None:
 @pytest.mark.parametrize(
     ("aliases", "message"),
     [
-        ("gpt-image-1=sd99", "model_aliases: 'gpt-image-1' names 'sd99', which is not a served model (sd15, sd21)"),
+        (
+            "gpt-image-1=sd99",
+            "model_aliases: 'gpt-image-1' names 'sd99', which is not a served model (sd15, sd21)",
+        ),
         ("sd21=sd15", "model_aliases: 'sd21' is the name of a served model, not an alias"),
         ("gpt-image-1", "'gpt-image-1' is not ALIAS=MODEL"),
         ("a=sd15,a=sd21", "the alias 'a' is given twice"),
@@ -158,7 +161,9 @@ async def test_each_ignored_openai_parameter_is_named_in_warnings(engine: FakeEn
         response = await client.post(ROUTE, json=body)
         quiet = await client.post(ROUTE, json={"prompt": "x", "quality": "auto", "background": "auto"})
         low = await client.post(ROUTE, json={"prompt": "x", "quality": "low"})
-        jpeg = await client.post(ROUTE, json={"prompt": "x", "output_format": "jpeg", "output_compression": 5})
+        jpeg = await client.post(
+            ROUTE, json={"prompt": "x", "output_format": "jpeg", "output_compression": 5}
+        )
         ours = await client.post("/generate", json={"prompt": "x", "output_compression": 50})
     assert response.status_code == 200, response.text
     warnings = response.json()["warnings"]
