@@ -123,7 +123,12 @@ class Tracing:
         from opentelemetry import context, propagate, trace
         from opentelemetry.trace import SpanKind
 
-        carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        fields = propagate.get_global_textmap().fields  # traceparent, tracestate, baggage (OTEL_PROPAGATORS)
+        carrier = {
+            key: value.decode("latin-1")
+            for name, value in scope["headers"]
+            if (key := name.decode("latin-1")) in fields
+        }
         span = self._tracer.start_span(
             f"{scope['method']} {route}",
             context=propagate.extract(carrier),
