@@ -157,7 +157,7 @@ async def test_each_ignored_openai_parameter_is_named_in_warnings(engine: FakeEn
         "some_future_field": True,
         "bad\r\nname": 1,  # never echoed into a header
     }
-    async with serve(engine) as (client, _app):
+    async with uvicorn_serving(engine) as (url, _app), httpx.AsyncClient(base_url=url) as client:
         response = await client.post(ROUTE, json=body)
         quiet = await client.post(ROUTE, json={"prompt": "x", "quality": "auto", "background": "auto"})
         low = await client.post(ROUTE, json={"prompt": "x", "quality": "low"})
