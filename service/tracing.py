@@ -96,18 +96,20 @@ class Tracing:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        except ImportError:
+
+            processors = [BatchSpanProcessor(_exporter(name, env)) for name in exporters]
+        except ImportError as exc:
             logger.warning(
-                "OTEL_* asks for traces but the OpenTelemetry SDK is not installed "
-                "(pip install 'tiue-serve[otel]'); tracing is off"
+                "OTEL_* asks for traces but %s is not installed (pip install 'tiue-serve[otel]'); tracing is off",
+                exc.name,
             )
             return cls()
         resource = Resource.create()
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": TRACER_NAME}))
         provider = TracerProvider(resource=resource)
-        for name in exporters:
-            provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
+        for processor in processors:
+            provider.add_span_processor(processor)
         logger.info("tracing on: exporting spans to %s", ", ".join(exporters))
         return cls(provider, owned=True)
 

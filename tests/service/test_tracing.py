@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -185,6 +186,16 @@ async def test_off_tracing_still_logs_the_callers_trace_id(
 )
 def test_only_otel_variables_turn_tracing_on(env: dict[str, str], exporters: list[str]) -> None:
     assert wanted_exporters(env) == exporters
+
+
+def test_without_the_sdk_tracing_is_off_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if not installed
+    with caplog.at_level(logging.WARNING, logger="service.tracing"):
+        assert not Tracing.from_env().enabled
+    assert "opentelemetry.sdk.trace is not installed (pip install 'tiue-serve[otel]')" in caplog.text
 
 
 @pytest.mark.parametrize(
