@@ -25,7 +25,8 @@ from importlib.metadata import PackageNotFoundError, version
 MISSING = (
     "diffusers", "importlib_metadata", "lazy_importer",  # the engine
     "fastapi", "starlette", "opentelemetry_api", "pydantic", "pydantic_core", "annotated_types",
-    "typing_inspection", "typing_extensions", "pydantic_settings", "python_dotenv", "uvicorn",  # the service
+    "typing_inspection", "typing_extensions", "pydantic_settings", "python_dotenv", "uvicorn",
+    "fastapi_offline",  # the service
 )
 for name in MISSING:
     try:

@@ -415,7 +415,7 @@ def children(
         else:
             child_spec = {**spec, "batches": batches[kind], "started": time.monotonic()}
             # the smoke run keeps time for the artefact section, so that its code runs too
-            run_child(kind, child_spec, env, report, deadline - (25 if plan.smoke else 0))
+            run_child(kind, child_spec, env, report, deadline - (30 if plan.smoke else 0))
 
 
 def parent(args: argparse.Namespace) -> int:
