@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gpu_service_report import MARK, Report  # noqa: E402
 from bench.load_service import free_port, percentile, stop_process, wait_ready  # noqa: E402
+from engine.types import DEVICE_STAGES  # noqa: E402
 
 CONCURRENCY = (1, 8, 32, 64)
 FORMATS = ("png", "jpeg", "webp")
-STAGES = ("text_encode", "denoise", "vae_decode")
 
 
 @dataclass
@@ -193,7 +193,7 @@ async def closed_loop(url: str, concurrency: int, plan: Plan, fmt: str, offset: 
                     for part in fields.get("server-timing", "").split(", ")
                     if ";dur=" in part
                 )
-                done.append((started, finished, sum(timing.get(s, 0.0) for s in STAGES)))
+                done.append((started, finished, sum(timing.get(s, 0.0) for s in DEVICE_STAGES)))
             i += concurrency
 
     try:

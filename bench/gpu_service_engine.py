@@ -62,7 +62,8 @@ def direct(spec: dict[str, Any]) -> int:
     last: list[Any] = []
 
     def call(batch: int) -> None:
-        requests = [GenerationRequest(prompt(k), k, size, size) for k in itertools.islice(counter, batch)]
+        seeds = itertools.islice(counter, batch)
+        requests = [GenerationRequest(prompt=prompt(k), seed=k, width=size, height=size) for k in seeds]
         result = pipe.generate(requests)
         stages.append(result.timings)
         last[:] = [result.images[0].pixels]
