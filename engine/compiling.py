@@ -82,6 +82,20 @@ def serving(config: EngineConfig, frozen: bool) -> Iterator[None]:
         yield
 
 
+def after_text_encoder(config: EngineConfig, states: torch.Tensor) -> torch.Tensor:
+    """Under CUDA graph trees, the text encoder and the denoiser+decoders are separate trees' roots: the
+    states are copied out of the text encoder's graph and a new step begins. Otherwise a batch whose
+    prompts the cache held (no text encoder), or missed only in part (a smaller bucket), would follow a
+    path through the tree that the warm-up never recorded, and record one on a request's time."""
+    if config.compile_mode is not TorchCompile.REDUCE_OVERHEAD or not hasattr(
+        torch.compiler, "cudagraph_mark_step_begin"
+    ):
+        return states
+    states = states.clone()
+    torch.compiler.cudagraph_mark_step_begin()
+    return states
+
+
 def save(config: EngineConfig) -> None:
     """After warm-up: write the mega-cache blob (what this process compiled or loaded), atomically."""
     save_artifacts = getattr(torch.compiler, "save_cache_artifacts", None)

@@ -136,6 +136,7 @@ class TiUEPipeline:
                 states = self._encode_text(ids)
             else:
                 states = self.prompt_cache.encode(ids, self._encode_text)
+            states = compiling.after_text_encoder(self.config, states)
         with self._timed(denoise, timings):
             z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
             z_0 = self.backend.denoise(to_device(z_t, self.backend.device).to(self.backend.dtype), states)

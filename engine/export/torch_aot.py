@@ -144,6 +144,8 @@ def find(components: Components, config: EngineConfig) -> tuple[Entry | None, li
     """The entry holding every package `config` warms, and else why none does (in words)."""
     wanted = packages(components, config)
     store = engine_store(config.engine_dir)
+    if not store.entries(KIND):  # no model hash to compute (seconds for a multi-GB checkpoint)
+        return None, wanted, f"there are none in {store.root}"
 
     def covers(entry: Entry) -> str | None:
         absent = [p.name for p in wanted if p.name not in entry.files]
@@ -174,7 +176,8 @@ def resolve(components: Components, config: EngineConfig) -> EngineConfig:
     if entry is not None:
         log.info("torch AOTInductor packages found: %s", entry.path)
         return dataclasses.replace(config, torch_compile=TorchCompile.AOT)
-    level = logging.INFO if config.torch_compile is TorchCompile.AUTO and "none" in why else logging.WARNING
+    quiet = config.torch_compile is TorchCompile.AUTO and not engine_store(config.engine_dir).entries(KIND)
+    level = logging.INFO if quiet else logging.WARNING  # auto without any packages is the ordinary case
     log.log(level, "no usable torch AOTInductor packages (%s); torch_compile %s instead", why, fallback.value)
     return dataclasses.replace(config, torch_compile=fallback)
 

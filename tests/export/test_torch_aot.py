@@ -180,3 +180,21 @@ def test_build_engines_for_torch_refuses_tensorrt_profiles(
 
     code = main(["build-engines", "--backend", "torch", "--model", str(tiny_model_dir), "--batch", "1:2:4"])
     assert code == 2 and "--warm-batch-sizes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs around the packages need a GPU")
+def test_on_cuda_packages_are_captured_and_replayed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = EngineConfig(
+        tiny_model_dir, device="cuda", engine_dir=tmp_path, torch_compile=TorchCompile.AOT, max_batch_size=2
+    )
+    torch_aot.build(load_configured(config), config)
+    pipe = load_pipeline(config)
+    assert pipe.config.torch_compile is TorchCompile.AOT
+    pipe.warmup()
+    graphs = list(pipe.backend.packages.values())  # type: ignore[attr-defined]
+    assert all(g.graph is not None for g in graphs), "every warmed package is captured"
+    requests = [GenerationRequest(f"a red circle {s}", s, 64, 64) for s in (1, 2)]
+    eager = load_pipeline(EngineConfig(tiny_model_dir, device="cuda", torch_compile=TorchCompile.OFF))
+    for got, want in zip(pipe.generate(requests).images, eager.generate(requests).images, strict=True):
+        assert np.abs(got.pixels.astype(int) - want.pixels.astype(int)).max() <= 1
