@@ -17,7 +17,7 @@ import torch
 from engine import compiling
 from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSizeError
+from engine.errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, UnsupportedSizeError
 from engine.export import torch_aot
 from engine.export.profiles import ModelDims
 from engine.loading import Components, load_configured
@@ -29,6 +29,7 @@ from engine.types import (
     GeneratedImage,
     GenerationRequest,
     ModelInfo,
+    TorchCompile,
 )
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,13 @@ def load_pipeline(
         torch.set_num_threads(config.threads)
     components = load_configured(config)
     config = torch_aot.resolve(components, config)  # auto/aot: built packages when usable, else compile
-    backend = backend_factory(components, config)
+    try:
+        backend = backend_factory(components, config)
+    except BackendUnavailableError as exc:
+        if config.torch_compile is not TorchCompile.AOT:
+            raise
+        config = torch_aot.fall_back(config, str(exc))  # packages that do not load: as without them
+        backend = backend_factory(components, config)
     pipeline = TiUEPipeline(components, backend, config)
     log.info(
         "loaded model %s from %s on %s/%s/%s in %.1fs (timesteps %s, %s)",

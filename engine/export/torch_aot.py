@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import logging
 import platform
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,6 @@ def resolve(components: Components, config: EngineConfig) -> EngineConfig:
     it compiles instead (auto's choice for the device), with the reason in one log line. Never fails."""
     if not wants_packages(config):
         return config
-    fallback = TorchCompile.REDUCE_OVERHEAD if config.on_cuda else TorchCompile.OFF
     try:
         entry, _, why = find(components, config)
     except (OSError, RuntimeError, ValueError) as exc:  # an unreadable cache is no reason not to serve
@@ -177,7 +177,12 @@ def resolve(components: Components, config: EngineConfig) -> EngineConfig:
         log.info("torch AOTInductor packages found: %s", entry.path)
         return dataclasses.replace(config, torch_compile=TorchCompile.AOT)
     quiet = config.torch_compile is TorchCompile.AUTO and not engine_store(config.engine_dir).entries(KIND)
-    level = logging.INFO if quiet else logging.WARNING  # auto without any packages is the ordinary case
+    return fall_back(config, why, logging.INFO if quiet else logging.WARNING)  # auto without any: ordinary
+
+
+def fall_back(config: EngineConfig, why: str, level: int = logging.WARNING) -> EngineConfig:
+    """Without packages: reduce-overhead on CUDA, off on the CPU (auto's choice), said in one log line."""
+    fallback = TorchCompile.REDUCE_OVERHEAD if config.on_cuda else TorchCompile.OFF
     log.log(level, "no usable torch AOTInductor packages (%s); torch_compile %s instead", why, fallback.value)
     return dataclasses.replace(config, torch_compile=fallback)
 
@@ -205,16 +210,19 @@ def build(components: Components, config: EngineConfig) -> Entry:
 
 
 def _compile(package: Package, modules: StageModules, dims: ModelDims, path: Path) -> Path:
-    import time
-
     started = time.perf_counter()
-    with torch.no_grad():
-        program = torch.export.export(
-            package.module(modules), package.sample_inputs(dims, modules), strict=False
-        )
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path), inductor_configs=dict(_INDUCTOR_CONFIGS)
-        )
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                package.module(modules), package.sample_inputs(dims, modules), strict=False
+            )
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs=dict(_INDUCTOR_CONFIGS)
+            )
+    except Exception as exc:  # export and inductor raise many kinds: name the package, stop the build
+        raise BackendUnavailableError(
+            f"AOTInductor could not build {package.name}: {type(exc).__name__}: {exc}"
+        ) from exc
     log.info("compiled %s in %.1fs", package.name, time.perf_counter() - started)
     return path
 
@@ -235,8 +243,13 @@ def load(
             raise BackendUnavailableError(
                 f"{entry.path} holds no {package.name}; run `tiue build-engines` again"
             )
-        compiled = _load_package(entry.file(package.name), modules.device)
-        _share_weights(compiled, package.module(modules), package.name)
+        try:
+            compiled = _load_package(entry.file(package.name), modules.device)
+            _share_weights(compiled, package.module(modules), package.name)
+        except BackendUnavailableError:
+            raise
+        except Exception as exc:  # the loader raises RuntimeError for a damaged or foreign package
+            raise BackendUnavailableError(f"{package.name} did not load: {exc}") from exc
         shape = tuple(package.sample_inputs(dims, modules)[0].shape)
         fn: Callable[..., torch.Tensor] = compiled
         if pool is not None:

@@ -153,6 +153,20 @@ def test_packages_for_another_torch_or_device_are_refused_with_the_reason(
 
 
 @pytest.mark.slow
+def test_a_package_that_does_not_load_falls_back(
+    tiny_model_dir: Path, built: tuple[Path, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engines = _tamper(built[0], tmp_path, lambda key: None)
+    damaged = _entry_dir(engines) / "denoiser-b2-8x8.pt2"
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # the size the manifest says, not a package
+    with caplog.at_level(logging.WARNING, logger="engine.export.torch_aot"):
+        pipe = load_pipeline(_config(tiny_model_dir, engines))
+    (line,) = [r.getMessage() for r in caplog.records if "no usable torch AOTInductor" in r.getMessage()]
+    assert "denoiser-b2-8x8 did not load" in line
+    assert pipe.config.torch_compile is TorchCompile.OFF and not pipe.backend.packages  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
 def test_packages_that_miss_a_warmed_size_are_refused(tiny_model_dir: Path, built: tuple[Path, str]) -> None:
     config = _config(tiny_model_dir, built[0], warm_sizes=((32, 32),))
     resolved = torch_aot.resolve(load_configured(config), config)
