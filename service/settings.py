@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     warm_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description="batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next "
-        "(unset: powers of two below max_batch_size, and max_batch_size)",
+        "(unset: on CUDA 1, 2, 4, 8, 16 below max_batch_size, elsewhere the powers of two below it; and max_batch_size)",
     )
     warm_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
