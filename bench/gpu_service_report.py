@@ -70,7 +70,7 @@ class Report:
         c1, b1 = service.get(1), direct.get(1)
         ceiling = max((r["images_s"] for r in direct.values()), default=None)
         top = service[max(service)] if service else None
-        aot = [s for s in self.sections["starts"] if "aot" in s["what"]]
+        aot = [s for s in self.sections["starts"] if s["artefacts"].startswith("built")]
         return {
             "engine_b1_ms": b1["p50_ms"] if b1 else None,
             "client_p50_c1_ms": c1["p50_ms"] if c1 else None,
