@@ -163,12 +163,18 @@ def test_gpu_torch_override_switches_the_gpu_services_only() -> None:
     command = build["command"]
     assert command[0] == "build-engines" and "--batch" not in command
     assert command[command.index("--backend") + 1] == "torch"
-    assert command[command.index("--max-batch-size") + 1] == env["TIUE_MAX_BATCH_SIZE"], (
-        "the buckets it builds"
-    )
-    assert command[command.index("--engine-dir") + 1] == env["TIUE_ENGINE_DIR"]
-    assert resolved(build["environment"]["TIUE_MODELS"]) == resolved(env["TIUE_MODELS"])
-    assert build["environment"]["TIUE_COMPILE_CACHE_DIR"] == env["TIUE_COMPILE_CACHE_DIR"]
+
+    def built_with(name: str) -> str | None:
+        """A setting as the build reads it: its flag, else its TIUE_* variable."""
+        flag = "--" + name.lower().replace("_", "-")
+        if flag in command:
+            return str(command[command.index(flag) + 1])
+        value = build["environment"].get(f"TIUE_{name}")
+        return None if value is None else resolved(str(value))
+
+    # the packages are keyed by these: built with other values, the server would not find them
+    for name in ("DEVICE", "PRECISION", "MAX_BATCH_SIZE", "MODELS", "ENGINE_DIR", "COMPILE_CACHE_DIR"):
+        assert built_with(name) == resolved(str(env[f"TIUE_{name}"])), name
     mounts = {resolved(v).split(":")[1]: resolved(v).split(":")[0] for v in build["volumes"]}
     served = {resolved(v).split(":")[1]: resolved(v).split(":")[0] for v in after["tiue-gpu"]["volumes"]}
     for path in (env["TIUE_ENGINE_DIR"], env["TIUE_COMPILE_CACHE_DIR"]):
