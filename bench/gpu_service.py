@@ -485,7 +485,7 @@ def main() -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="folder for gpu_service.md/.json (rewritten per row)"
     )
-    parser.add_argument("--budget-s", type=float, default=None, help="default 450 (smoke 110)")
+    parser.add_argument("--budget-s", type=float, default=None, help="default 420 (smoke 110)")
     parser.add_argument("--skip", default="", help="sections to skip: service,direct,peer,artefacts")
     parser.add_argument(
         "--decoder", choices=("full", "tiny"), default="tiny", help="TIUE_DECODER (default tiny)"
@@ -506,7 +506,7 @@ def main() -> int:
     if args.child is not None:
         kind, spec = args.child
         return (direct_child if kind == "direct" else peer_child)(json.loads(spec))
-    args.budget_s = args.budget_s or (110.0 if args.smoke else 450.0)
+    args.budget_s = args.budget_s or (110.0 if args.smoke else 420.0)
     args.max_batch_size = args.max_batch_size or (4 if args.smoke else 16)
     return parent(args)
 

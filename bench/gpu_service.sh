@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The one command of the device call for bench/gpu_service.py (docs/benchmarks.md, "The service on one GPU").
 #
-# Where PyPI is reachable, once, from the repo root: bench/gpu_check.sh --fetch-wheels (-> .whl/, ~10 MB:
+# Where PyPI is reachable, once, from the repo root: bench/gpu_check.sh --fetch-wheels (-> .whl/, ~11 MB:
 # diffusers and the service's web stack, which the GPU machine's image lacks; never torch). On the GPU
 # machine, from the repo root with .whl carried along:
 #     bench/gpu_service.sh [bench/gpu_service.py's flags...]      # e.g. --skip peer, --torch-compile aot
 # It installs the wheels and the project (--no-deps: torch stays the machine's own) into a folder of
 # its own, checks that everything `tiue serve` imports is importable, then runs the bench under a hard
 # timeout. Tables: $OUT/gpu_service.md and .json (rewritten after every row), the run's log and the
-# servers' logs beside them. BUDGET_S (default 450) is the bench's own budget; the timeout is 30 s more.
+# servers' logs beside them. BUDGET_S (default 420) is the bench's own budget; the timeout is 30 s more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-420}
 OUT=${OUT:-$PWD/gpu-service-out}
 mkdir -p "$OUT"
 
