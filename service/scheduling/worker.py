@@ -187,7 +187,9 @@ class DeviceWorker:
                 result = pipeline.generate(requests)
             finally:
                 self.busy_since = None
-            return _Done(live, result, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._metrics.device_busy.labels(model=model.name).inc(seconds)
+            return _Done(live, result, seconds)
 
         return _Run(batch, asyncio.get_running_loop().run_in_executor(self._executor, run))
 
