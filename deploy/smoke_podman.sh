@@ -91,9 +91,12 @@ fail() {  # fail REASON [LOG]: name the step and the reason, show the log's last
   exit 1
 }
 
-CHECKS="$REPO_ROOT/deploy/smoke_checks.py"
-checks() {  # checks COMMAND [ARGS...]: deploy/smoke_checks.py against the container (CI runs the same checks)
-  if python3 "$CHECKS" "$URL" "$@" > "$OUT/check.log" 2> "$OUT/check.err"; then
+CHECKS_PATH=""  # the wheelhouse's prometheus_client wheel (pure Python, imported from the zip), once downloaded
+run_checks() {  # run_checks ARGS...: deploy/smoke_checks.py URL ARGS... on the host's python3 (CI runs the same checks)
+  PYTHONPATH="$CHECKS_PATH" python3 "$REPO_ROOT/deploy/smoke_checks.py" "$URL" "$@"
+}
+checks() {  # checks COMMAND [ARGS...]: run_checks, its ok lines shown; its reason, and its log if longer, on failure
+  if run_checks "$@" > "$OUT/check.log" 2> "$OUT/check.err"; then
     cat "$OUT/check.log"
     return
   fi
@@ -141,8 +144,6 @@ mkdir -p "$LOGS"
 command -v podman >/dev/null || fail "podman is not installed (Debian: apt-get install -y podman runc)"
 command -v curl >/dev/null || fail "curl is not installed (Debian: apt-get install -y curl)"
 command -v python3 >/dev/null || fail "python3 is not installed (Debian: apt-get install -y python3-pip)"
-python3 -c 'import prometheus_client.parser' 2>/dev/null \
-  || fail "python3 cannot import prometheus_client (Debian: apt-get install -y python3-prometheus-client)"
 podman info > "$LOGS/podman-info.log" 2>&1 || fail "podman info failed" "$LOGS/podman-info.log"
 IMAGES_BEFORE=$(podman images -a -q --no-trunc | sort -u)
 IMAGES_BEFORE=${IMAGES_BEFORE:-none}
@@ -206,6 +207,10 @@ WHEELS="$WORK_DIR/wheels-py$PY_VERSION"
 "$REPO_ROOT/deploy/download_wheels.sh" --python-version "$PY_VERSION" --torch-index-url "$TORCH_INDEX_URL" \
   "$WHEELS" > "$LOGS/wheels.log" 2>&1 || fail "deploy/download_wheels.sh failed" "$LOGS/wheels.log"
 grep -E '^(ok|note) ' "$LOGS/wheels.log"
+# The checks read /metrics with prometheus_client's parser, the very version the image serves with: from its
+# wheel, so the host's python3 needs nothing installed.
+CHECKS_PATH=$(compgen -G "$WHEELS/prometheus_client-*-py3-none-any.whl" | head -n 1) \
+  || fail "no prometheus_client wheel in $WHEELS" "$LOGS/wheels.log"
 
 step build "build $IMAGE (target cpu, RUN network: $BUILD_NETWORK, runtime $RUNTIME)"
 start=$(date +%s)
@@ -269,7 +274,7 @@ fi
 
 step drain "SIGTERM with requests in flight: they are answered, then the process exits 0"
 rm -f "$OUT/in-flight"
-python3 "$CHECKS" "$URL" drain --in-flight-file "$OUT/in-flight" > "$OUT/drain.log" 2>&1 &
+run_checks drain --in-flight-file "$OUT/in-flight" > "$OUT/drain.log" 2>&1 &
 drain_pid=$!
 until [[ -e "$OUT/in-flight" ]]; do  # the checks' own deadline ends the wait if nothing shows in flight
   kill -0 "$drain_pid" 2>/dev/null || { wait "$drain_pid" || true; fail "$(tail -n 1 "$OUT/drain.log")" "$OUT/drain.log"; }
