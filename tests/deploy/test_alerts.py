@@ -6,6 +6,7 @@ config and rules and `promtool test rules` runs their unit tests (deploy/prometh
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,24 @@ def test_the_prometheusrule_holds_the_same_groups() -> None:
     )
     kustomization = yaml.safe_load((ROOT / "k8s" / "base" / "kustomization.yaml").read_text())
     assert PROMETHEUS_RULE.name in kustomization["resources"]
+
+
+def test_the_dashboard_shows_the_slo_the_alerts_burn() -> None:
+    """The error budget is written in three places: the burn-rate alerts, the error-rate panel's red line
+    and the availability stat's green step."""
+    budget = 0.01
+    burns = [
+        rule["expr"]
+        for rule in rules()
+        if rule.get("alert") in ("TiueErrorRateHigh", "TiueErrorBudgetBurning")
+    ]
+    assert burns and all(f" * {budget})" in expr for expr in burns), burns
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "tiue-serve.json").read_text())
+    by_title = {panel["title"]: panel for panel in dashboard["panels"]}
+    line = by_title["Error rate vs SLO"]["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]
+    assert line == {"color": "red", "value": budget}
+    green = by_title["Availability (SLO 99 %)"]["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]
+    assert green == {"color": "green", "value": 1 - budget}
 
 
 def test_compose_prometheus_loads_the_rules() -> None:

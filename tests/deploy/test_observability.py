@@ -98,6 +98,16 @@ def test_dashboard_shows_what_the_operator_needs() -> None:
         "queue wait": r"histogram_quantile\([^,]+, sum by \(le\) \(rate\(tiue_queue_wait_seconds_bucket",
         "rejections by reason": r"sum by \(reason\) \(rate\(tiue_requests_rejected_total",
         "per-stage time": r"sum by \(stage\) \(rate\(tiue_stage_duration_seconds_sum",
+        "device utilisation": r"sum by \(instance\) \(rate\(tiue_device_busy_seconds_total",
+        "error rate": r'sum\(rate\(tiue_request_duration_seconds_count\{[^}]*status=~"5\.\."[^}]*\}\[\$__rate_interval\]\)\) / sum',
+        "availability over the range": r'1 - sum\(increase\(tiue_request_duration_seconds_count\{[^}]*status=~"5\.\."',
+        "warm-up time": r"tiue_warmup_seconds\{",
+        "queue fill": r"tiue_queue_depth\{[^}]*\} / tiue_queue_capacity_images",
+        "connections refused": r"rate\(tiue_connections_refused_total",
+        "connections timed out": r"rate\(tiue_connections_timed_out_total",
+        "discarded images": r"sum by \(reason\) \(rate\(tiue_images_discarded_total",
+        "skipped images": r"sum by \(reason\) \(rate\(tiue_images_skipped_total",
+        "truncated prompts": r"rate\(tiue_prompts_truncated_total",
     }
     missing = [what for what, pattern in required.items() if not re.search(pattern, text)]
     assert not missing, f"the dashboard lacks {missing}"
