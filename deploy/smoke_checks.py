@@ -187,46 +187,82 @@ DRAIN_REQUESTS, DRAIN_IMAGES = 6, 4  # a burst that keeps the device busy for a 
 
 
 def drain(url: str, in_flight_file: Path, timeout_s: float = 20) -> list[str]:
-    """Send a burst of requests, create `in_flight_file` once /metrics shows them in flight (the caller
-    then stops the server), and require every one to be answered 200 with its images."""
-    answers: list[Answer | BaseException] = []
+    """Send a burst of requests; once all have arrived and images are queued, create `in_flight_file` (the
+    caller then stops the server). Every image queued at that moment must come back 200 after it.
+
+    A request still being read and validated when the server is stopped was never queued: it is refused
+    503 `not_ready` with Retry-After (another replica takes it), which is the drain's contract too.
+    """
+    answers: list[tuple[float, Answer | BaseException]] = []  # (when it came back, what)
 
     def send(seed: int) -> None:
         body = {"prompt": "a green triangle", "n": DRAIN_IMAGES, "seed": seed}
         try:
-            answers.append(request(f"{url}/generate", body))
+            answer: Answer | BaseException = request(f"{url}/generate", body)
         except BaseException as error:  # reported by the main thread
-            answers.append(error)
+            answer = error
+        answers.append((time.monotonic(), answer))
 
     senders = [threading.Thread(target=send, args=(100 * i,), daemon=True) for i in range(DRAIN_REQUESTS)]
     for sender in senders:
         sender.start()
+    # Answers are counted before the scrape: one answered in between is in neither count, so the wait can
+    # only run long, never end early; and an image queued at the scrape comes back after `scraped`.
     deadline = time.monotonic() + timeout_s
-    while in_flight(url) < 1:
-        if not any(sender.is_alive() for sender in senders):
-            raise CheckFailed("the requests were answered before any showed as in flight")
+    while True:
+        scraped, answered = time.monotonic(), len(answers)
+        metrics = fetch_metrics(url)
+        running, queued = metrics.total("tiue_in_flight_requests"), metrics.total("tiue_queue_depth")
+        if queued >= 1 and answered + running >= DRAIN_REQUESTS:
+            break
+        if answered == DRAIN_REQUESTS:
+            raise CheckFailed("the requests were all answered before the server could be stopped")
         if time.monotonic() > deadline:
-            raise CheckFailed(f"no request showed as in flight in {timeout_s:g} s")
+            raise CheckFailed(
+                f"the requests were not all in flight with images queued within {timeout_s:g} s"
+            )
         time.sleep(0.01)
     in_flight_file.touch()
     for sender in senders:
         sender.join(150)
     if len(answers) != DRAIN_REQUESTS:
-        raise CheckFailed(
-            f"{DRAIN_REQUESTS - len(answers)} of {DRAIN_REQUESTS} in-flight requests got no answer"
-        )
-    for answer in answers:
+        raise CheckFailed(f"{DRAIN_REQUESTS - len(answers)} of {DRAIN_REQUESTS} requests got no answer")
+    after, answered_after, refused = 0, 0, 0
+    for when, answer in answers:
         if isinstance(answer, BaseException):
-            raise CheckFailed(f"an in-flight request failed: {answer}")
-        if answer.status != 200:
+            raise CheckFailed(f"a request in flight failed: {answer}")
+        if answer.status == 200:
+            images = len(json.loads(answer.body)["data"])
+            if images != DRAIN_IMAGES:
+                raise CheckFailed(f"a request in flight got {images} images, not {DRAIN_IMAGES}")
+            if when > scraped:
+                after, answered_after = after + images, answered_after + 1
+        elif answer.status == 503 and _code(answer) == "not_ready" and "retry-after" in answer.headers:
+            refused += 1
+        else:
             raise CheckFailed(
-                f"an in-flight request got {answer.status} during shutdown: {answer.body[:300]!r}"
+                f"a request in flight got {answer.status} during shutdown: {answer.body[:300]!r}"
             )
-        if len(json.loads(answer.body)["data"]) != DRAIN_IMAGES:
-            raise CheckFailed(f"an in-flight request did not get its {DRAIN_IMAGES} images")
-    return [
-        f"the {DRAIN_REQUESTS} requests in flight ({DRAIN_REQUESTS * DRAIN_IMAGES} images) were answered 200"
+    if after < queued:
+        raise CheckFailed(
+            f"{queued:g} images were queued when the server was stopped, only {after} came back 200"
+        )
+    done = [
+        f"{queued:g} images queued at the stop: all answered 200 ({answered_after} requests, {after} images)"
     ]
+    if refused:
+        done.append(
+            f"{refused} requests still being read at the stop: refused 503 not_ready with Retry-After"
+        )
+    return done
+
+
+def _code(answer: Answer) -> str | None:
+    try:
+        code = json.loads(answer.body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def main(argv: list[str] | None = None) -> int:
