@@ -6,8 +6,8 @@ functions against a live `tiue serve` in CI, so a renamed metric, a new label or
 a test before it fails the smoke. Metrics are read with Prometheus' own text-format parser and summed
 over every label set, so a label added later changes nothing.
 
-Runs on the host's python3 with the standard library and prometheus_client (Debian:
-python3-prometheus-client). Each command prints `ok   …` lines; a failed check prints its reason as
+Runs on the host's python3 with the standard library and prometheus_client (the smoke puts the
+wheelhouse's prometheus_client wheel on PYTHONPATH, so nothing need be installed). Each command prints `ok   …` lines; a failed check prints its reason as
 the last line on stderr and exits 1 (2 for a bad argument).
 
 Usage: smoke_checks.py URL generate
@@ -177,10 +177,6 @@ def verify_metrics(metrics: Metrics, min_images: int) -> list[str]:
     if ready != 1:
         raise CheckFailed(f"tiue_ready is {ready:g}, expected 1")
     return [f"metric families present; tiue_images_generated_total={images:g}; tiue_ready={ready:g}"]
-
-
-def in_flight(url: str) -> float:
-    return fetch_metrics(url).total("tiue_in_flight_requests")
 
 
 DRAIN_REQUESTS, DRAIN_IMAGES = 6, 4  # a burst that keeps the device busy for a while after SIGTERM
