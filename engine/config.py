@@ -63,21 +63,26 @@ class EngineConfig:
         False, "compiled backends: build missing artefacts at load instead of refusing"
     )
     torch_compile: TorchCompile = setting(
-        TorchCompile.OFF,
-        "torch backend: compile the denoiser and decoders for each warmed batch size and size before the "
-        "server is ready (reduce-overhead: CUDA graphs too; true/false: default/off)",
+        TorchCompile.AUTO,
+        "torch backend: compile the text encoder, denoiser and decoders for each warmed batch size and size "
+        "before the server is ready (reduce-overhead: CUDA graphs too; aot: the AOTInductor packages `tiue "
+        "build-engines --backend torch` built; auto: on CUDA those packages when usable, else "
+        "reduce-overhead, on the CPU off; true/false: default/off). See compile_mode",
     )
     compile_cache_dir: Path | None = setting(
         None,
         "torch.compile's inductor/Triton caches, kept across restarts (unset: the cache root's compile/)",
     )
-    warm_batch_sizes: tuple[int, ...] = setting(
+    warm_batch_sizes: tuple[int, ...] = setting(  # ARTEFACTS: the torch backend builds what is warmed
         (),
-        "batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next (unset: powers "
-        "of two below max_batch_size, and max_batch_size)",
+        "batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next (unset: on CUDA "
+        "1, 2, 4, 8, 16 below max_batch_size, elsewhere the powers of two below it; and max_batch_size)",
+        scope=Scope.ARTEFACTS,
     )
     warm_sizes: tuple[tuple[int, int], ...] = setting(
-        (), "image sizes warmed (compiled) before ready, comma-separated WxH or N (unset: the native size)"
+        (),
+        "image sizes warmed (compiled) before ready, comma-separated WxH or N (unset: the native size)",
+        scope=Scope.ARTEFACTS,
     )
     max_batch_size: int = setting(
         4, "images per engine call; compiled profiles are sized from it", scope=Scope.MODEL, ge=1, le=256
@@ -101,6 +106,12 @@ class EngineConfig:
         "present); checked against the model's VAE at load",
         scope=Scope.MODEL,
     )
+    prompt_cache_size: int = setting(
+        1024,
+        "prompts whose text-encoder output is kept (LRU by token ids, engine.prompt_cache; at SD size about "
+        "160 KB each on the device); 0: off",
+        ge=0,
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "torch_compile", TorchCompile.parse(self.torch_compile))
@@ -117,17 +128,34 @@ class EngineConfig:
         return tuple(f.name for f in fields(cls) if not scopes or f.metadata["scope"] in scopes)
 
     @property
+    def on_cuda(self) -> bool:
+        return self.device.split(":")[0].strip().lower() == "cuda"
+
+    @property
+    def compile_mode(self) -> TorchCompile:
+        """What `torch_compile` means on this device: auto is CUDA graphs (reduce-overhead) on CUDA and off
+        on the CPU. aot stays aot: whether built packages are found is decided at load
+        (engine.export.torch_aot.resolve), which also makes auto on CUDA prefer them."""
+        if self.torch_compile is TorchCompile.AUTO:
+            return TorchCompile.REDUCE_OVERHEAD if self.on_cuda else TorchCompile.OFF
+        return self.torch_compile
+
+    @property
     def compiles(self) -> bool:
         """The torch backend compiles with static shapes: batches run padded to `batch_buckets()`."""
-        return BackendName(self.backend) is BackendName.TORCH and self.torch_compile is not TorchCompile.OFF
+        return BackendName(self.backend) is BackendName.TORCH and self.compile_mode is not TorchCompile.OFF
 
     def batch_buckets(self) -> tuple[int, ...]:
         """The batch sizes compiled at warm-up, ascending (empty when nothing compiles); a batch runs padded
-        up to the next one, so no request meets a shape that was not compiled. Default: the powers of two
-        below max_batch_size, and max_batch_size."""
+        up to the next one, so no request meets a shape that was not compiled. Default: on CUDA 1, 2, 4, 8
+        and 16 (what a GPU serves well), elsewhere the powers of two below max_batch_size; and
+        max_batch_size."""
         if not self.compiles:
             return ()
-        sizes = set(self.warm_batch_sizes) or {2**i for i in range(16) if 2**i < self.max_batch_size}
+        top = 16 if self.on_cuda else self.max_batch_size - 1
+        sizes = set(self.warm_batch_sizes) or {
+            2**i for i in range(16) if 2**i < self.max_batch_size and 2**i <= top
+        }
         return tuple(sorted(sizes | {self.max_batch_size}))
 
 

@@ -12,18 +12,18 @@ from engine.types import Decoder
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
-    from engine.export.contracts import ComponentContract
     from engine.export.profiles import Profile
 
 
 @dataclass(frozen=True)
 class Artefacts:
-    """What a compiled backend runs, decided once at load (engine.export.artefacts): each graph's
-    contract and file, and the shapes they were built for. A backend runs them; it never builds."""
+    """What a compiled backend runs, decided once at load (engine.export.artefacts): a file per graph
+    (ONNX graph or TensorRT engine, by its contract's name in engine.export.contracts) or per torch
+    AOTInductor package, and the shapes they were built for. A backend runs them; it never builds."""
 
     folder: Path
     profiles: tuple[Profile, ...]
-    graphs: dict[str, tuple[ComponentContract, Path]]  # contract name -> (contract, file)
+    files: dict[str, Path]
 
 
 class Backend(Protocol):

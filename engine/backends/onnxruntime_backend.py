@@ -17,7 +17,7 @@ import torch
 from engine.backends.base import Artefacts
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
-from engine.export.contracts import DECODER_CONTRACTS, DENOISER, TEXT_ENCODER
+from engine.export.contracts import CONTRACTS, DECODER_CONTRACTS, DENOISER, TEXT_ENCODER
 from engine.export.profiles import ModelDims, outside_profiles
 from engine.loading import Components
 from engine.types import Decoder
@@ -82,8 +82,8 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3  # constant-folding notes about fp16 on the CPU are noise
         self.contracts = {}
         self.sessions = {}
-        for name, (contract, path) in artefacts.graphs.items():
-            self.contracts[name] = contract
+        for name, path in artefacts.files.items():
+            self.contracts[name] = CONTRACTS[name]
             self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         for name, session in self.sessions.items():

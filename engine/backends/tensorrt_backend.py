@@ -21,6 +21,7 @@ from engine.backends.tensorrt_runtime import gpu_identity, import_tensorrt, make
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError, UnsupportedSizeError
 from engine.export.contracts import (
+    CONTRACTS,
     DECODER_CONTRACTS,
     DENOISER,
     EXPORT_PRECISIONS,
@@ -226,8 +227,8 @@ class TensorRTBackend:
         runtime = trt.Runtime(make_logger(trt))
         self.stream = torch.cuda.Stream(self.device)
         self.runners = {
-            name: _EngineRunner(trt, runtime, path.read_bytes(), contract, self.device, self.stream)
-            for name, (contract, path) in artefacts.graphs.items()
+            name: _EngineRunner(trt, runtime, path.read_bytes(), CONTRACTS[name], self.device, self.stream)
+            for name, path in artefacts.files.items()
         }
         log.info(
             "%s %s on %s (%s) from %s in %.1fs",

@@ -9,16 +9,26 @@ from engine.backends.base import Artefacts
 from engine.config import EngineConfig
 from engine.errors import BackendUnavailableError
 from engine.export.cache import Entry
-from engine.export.contracts import ComponentContract, contracts_for
+from engine.export.contracts import contracts_for
 from engine.loading import Components
-from engine.types import BackendName
+from engine.types import BackendName, TorchCompile
 
 
 def backend_artefacts(components: Components, config: EngineConfig) -> Artefacts | None:
-    """None for torch (it runs the modules themselves); the graphs of the cache entry a compiled
-    backend runs."""
+    """The artefacts a compiled backend runs; for torch its AOTInductor packages when the config runs
+    them (torch_compile aot, as engine.export.torch_aot.resolve leaves it when they are found), else None."""
     if config.backend is BackendName.TORCH:
-        return None
+        if config.torch_compile is not TorchCompile.AOT:
+            return None
+        from engine.export import torch_aot
+
+        found, _, why = torch_aot.find(components, config)
+        if found is None:
+            raise BackendUnavailableError(
+                f"no usable torch AOTInductor packages: {why}. Build them with `tiue build-engines "
+                "--backend torch` and the server's settings, or set TIUE_TORCH_COMPILE=auto"
+            )
+        return Artefacts(found.path, found.key.profiles, {name: found.file(name) for name in found.files})
     from engine.export.onnx_export import ensure_onnx
 
     if config.backend is BackendName.ONNXRUNTIME:
@@ -28,11 +38,11 @@ def backend_artefacts(components: Components, config: EngineConfig) -> Artefacts
 
         trt, gpu = tensorrt_target(config.device)
         entry = ensure_tensorrt(components, config, trt, gpu)
-    return Artefacts(entry.path, entry.key.profiles, artefact_files(entry, components))
+    return Artefacts(entry.path, entry.key.profiles, graph_files(entry, components))
 
 
-def artefact_files(entry: Entry, components: Components) -> dict[str, tuple[ComponentContract, Path]]:
-    """Each graph this model runs (the tiny decoder's too, when it has one) and its file in `entry`."""
+def graph_files(entry: Entry, components: Components) -> dict[str, Path]:
+    """The file in `entry` of each graph this model runs (the tiny decoder's too, when it has one)."""
     contracts = contracts_for(components)
     missing = [name for name in contracts if name not in entry.files]
     if missing:
@@ -40,4 +50,4 @@ def artefact_files(entry: Entry, components: Components) -> dict[str, tuple[Comp
             f"the compiled artefacts in {entry.path} hold no {', '.join(missing)}; export them again "
             "(`tiue export`, or --build-engines) for this model"
         )
-    return {name: (c, entry.file(name)) for name, c in contracts.items()}
+    return {name: entry.file(name) for name in contracts}

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import Response
 
+from service.compat import compression_warnings, openai_warnings
 from service.deps import CallerDep, State
 from service.edge.auth import bearer_scheme
 from service.errors import NotAcceptable, UnsupportedMediaType
@@ -94,6 +95,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
     )
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
     key = job.request.batch_key
+    output.warnings[:0] = compression_warnings(output_format, body.output_compression)
 
     headers = _headers(output)
     if preference.raw:
@@ -138,6 +140,7 @@ async def openai_generations(
     )
     output = await run_job(state, job, caller, request.receive, b64=True)
     key = job.request.batch_key
+    output.warnings[:0] = openai_warnings(body, model.info)
     response = OpenAIImagesResponse(
         created=int(time.time()),
         model=model.name,
@@ -145,5 +148,6 @@ async def openai_generations(
         data=_data(output),
         size=f"{key.width}x{key.height}",
         output_format=output_format,
+        warnings=output.warnings,
     )
     return Response(response.model_dump_json(), media_type="application/json", headers=_headers(output))

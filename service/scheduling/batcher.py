@@ -73,6 +73,7 @@ class WorkItem(Generic[M]):
     tag: float = 0.0  # fair-queue start tag
     released: bool = False  # no longer counted against the queue's capacity
     abandoned: bool = False  # its future is done; set on the event loop, read on the device thread
+    trace: object = None  # its request's span context, for the batch span's links (service.tracing)
 
     @property
     def images(self) -> int:
@@ -224,6 +225,7 @@ class MicroBatcher(Generic[M]):
         client: str = "",
         request_id: str = "",
         cost_s: float = 0.0,
+        trace: object = None,
     ) -> list[asyncio.Future[ItemResult]]:
         """Admit all of `requests` or none (QueueFull / ShuttingDown), split into items of at most one batch.
 
@@ -253,6 +255,7 @@ class MicroBatcher(Generic[M]):
             item = WorkItem(
                 model, chunk, loop.create_future(), now, deadline, ticket, client, request_id, item_cost, tag
             )
+            item.trace = trace
             tag += item_cost
             self._pending_images += item.images
             self.ledger.queue(client, item_cost)
