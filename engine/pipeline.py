@@ -111,9 +111,9 @@ class TiUEPipeline:
             raise InvalidRequestError(
                 f"a batch holds at most {self.config.max_batch_size} images (max_batch_size); got {len(requests)}"
             )
-        decoder = self._check_shape(requests[0].batch_key)
+        self._check_shape(requests[0].batch_key)
         with self._compile_scope():
-            result = self._run(self._padded(requests), decoder)
+            result = self._run(self._padded(requests))
         return BatchResult(result.images[: len(requests)], result.timings)
 
     def _padded(self, requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
@@ -128,8 +128,9 @@ class TiUEPipeline:
         """Once warmed, a compiled pipeline compiles nothing more (an unwarmed size runs eagerly)."""
         return compiling.serving(self.config, frozen=self._warmed) if self.config.compiles else nullcontext()
 
-    def _run(self, requests: Sequence[GenerationRequest], decoder: Decoder) -> BatchResult:
+    def _run(self, requests: Sequence[GenerationRequest]) -> BatchResult:
         timings: dict[str, float] = {}
+        decoder = self.info.decoder_for(requests[0].decoder)
         width, height = requests[0].shape_key
         text_encode, denoise, vae_decode = DEVICE_STAGES
         with self._timed(text_encode, timings):

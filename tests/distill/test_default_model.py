@@ -80,7 +80,7 @@ def test_judge_reads_what_the_prompt_asks_for() -> None:
     from engine.config import EngineConfig
     from engine.types import GenerationRequest
 
-    pipe = pipeline_mod.load_pipeline(EngineConfig(model_dir=DEFAULT_MODEL_DIR))
+    pipe = pipeline_mod.load_pipeline(EngineConfig(model_dir=DEFAULT_MODEL_DIR, max_batch_size=len(PAIRS)))
     size = pipe.info.default_size
     result = pipe.generate([GenerationRequest(p, s, size, size) for p, s in PAIRS])
     pred = load_judge(JUDGE_PATH).predict(np.stack([im.pixels for im in result.images]))
@@ -103,7 +103,7 @@ def test_its_tiny_decoder_loads_and_decodes_faster() -> None:
     from engine.pipeline import load_pipeline
     from engine.types import Decoder, GenerationRequest
 
-    pipe = load_pipeline(EngineConfig(model_dir=DEFAULT_MODEL_DIR))
+    pipe = load_pipeline(EngineConfig(model_dir=DEFAULT_MODEL_DIR, max_batch_size=len(PAIRS)))
     assert pipe.info.decoders == (Decoder.FULL, Decoder.TINY)
     size = pipe.info.default_size
     requests = [GenerationRequest(p, s, size, size, Decoder.TINY) for p, s in PAIRS]
