@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from diffusers.pipelines.stable_diffusion.safety_checker import (
     StableDiffusionSafetyChecker,
     cosine_distance,
 )
-from transformers import CLIPImageProcessor
 
 from engine.errors import ModelLoadError
 from engine.types import Moderation, SafetyCheck
@@ -32,9 +32,7 @@ SPECIAL_CARE_ADJUSTMENT = 0.01  # diffusers' `adjustment` once an image is near 
 class SafetyChecker:
     """Flags images: True where the checker finds a concept above its threshold."""
 
-    def __init__(
-        self, checker: StableDiffusionSafetyChecker, extractor: CLIPImageProcessor, device: torch.device
-    ):
+    def __init__(self, checker: StableDiffusionSafetyChecker, extractor: Any, device: torch.device):
         self.checker = checker
         self.extractor = extractor
         self.device = device
@@ -78,6 +76,8 @@ def load_safety_checker(
         raise ModelLoadError(
             f"{folder} needs its feature extractor: {extractor_folder}/preprocessor_config.json is missing"
         )
+    from transformers import CLIPImageProcessor  # here: without torchvision, importing it logs a notice
+
     try:
         checker = StableDiffusionSafetyChecker.from_pretrained(
             folder, torch_dtype=dtype, local_files_only=True
