@@ -202,14 +202,21 @@ def submit_job(state: ServiceState, job: Job, caller: Caller) -> Submitted:
     # The images must be made early enough to be encoded and sent within the timeout.
     device_deadline = deadline - min(ANSWER_MARGIN * timeout, 1.0)
     size = requests[0].shape_key
-    cost = state.admission.admit(
-        caller.client, size, job.n, device_deadline, info.size_multiple, cost_model=model.cost
-    )
+    with state.tracing.span("admission", images=job.n):
+        cost = state.admission.admit(
+            caller.client, size, job.n, device_deadline, info.size_multiple, cost_model=model.cost
+        )
     seeds = [request.seed for request in requests]
     annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
     key = BatchKey(model.name, job.width, job.height, decoder)
     futures = state.batcher.submit(
-        key, requests, device_deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
+        key,
+        requests,
+        device_deadline,
+        client=caller.client,
+        request_id=request_id() or "",
+        cost_s=cost,
+        trace=state.tracing.current(),
     )
     return Submitted(job, futures, deadline, started, decoder, warnings, tokens)
 
@@ -246,9 +253,10 @@ async def finish_job(
         )
     encode_started = time.perf_counter()
     shown = [image for image in made if not image.flagged]
-    encoded = iter(
-        await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64, state)) for p in shown))
-    )
+    with state.tracing.span("image_encode", images=len(shown), format=job.output_format):
+        encoded = iter(
+            await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64, state)) for p in shown))
+        )
     encode_s = time.perf_counter() - encode_started
     images = []
     for image in made:

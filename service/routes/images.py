@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import Response
 
+from service.compat import compression_warnings, openai_warnings
 from service.deps import CallerDep, State
 from service.edge.auth import bearer_scheme
 from service.errors import NotAcceptable, UnsupportedMediaType
@@ -113,6 +114,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
         body.moderation,
     )
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
+    output.warnings[:0] = compression_warnings(output_format, body.output_compression)
 
     headers = _headers(output)
     if preference.raw:
@@ -167,6 +169,7 @@ async def openai_generations(
         body.moderation,
     )
     submitted = submit_job(state, job, caller)  # what refuses the job does so here, before any stream
+    submitted.warnings[:0] = openai_warnings(body, model.info)
     if body.partial_images:
         submitted.warnings.append(PARTIAL_IMAGES_WARNING)
     if body.stream:
