@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 COMPLETED = "image_generation.completed"
 PARTIAL_IMAGES_WARNING = (
     "partial_images was not honoured: every image is sent once, complete (decoding each step's prediction "
-    "besides the final image cost 1.5-1.8x the batch's device time with the tiny decoder)"
+    "besides the final image cost 1.4-1.8x the batch's device time with the tiny decoder)"
 )
 
 
