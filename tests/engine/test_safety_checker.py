@@ -83,3 +83,25 @@ def test_a_checker_without_its_feature_extractor_fails_at_load(
     shutil.rmtree(folder / "feature_extractor")
     with pytest.raises(ModelLoadError, match="feature_extractor"):
         load_pipeline(EngineConfig(model_dir=folder, safety_checker=SafetyCheck.ON))
+
+
+def test_tiue_generate_writes_no_flagged_image(
+    safety_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    argv = [
+        "generate",
+        PROMPT,
+        "--size",
+        f"{SIZE}x{SIZE}",
+        "--model",
+        str(safety_model_dir),
+        "--threads",
+        "1",
+    ]
+    out = tmp_path / "flagged.png"
+    assert main([*argv, "--seed", str(FLAGGED_SEED), "--out", str(out)]) == 1
+    assert "flagged" in capsys.readouterr().err and not out.exists()
+    off = ["--safety-checker", "off", "--seed", str(FLAGGED_SEED), "--out", str(out)]
+    assert main([*argv, *off]) == 0 and out.exists()
