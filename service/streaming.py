@@ -18,7 +18,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.errors import ClientDisconnected, error_body
 from service.generation import JobOutput, Submitted, finish_job
 from service.state import ServiceState
 
@@ -77,6 +77,9 @@ async def _never() -> Message:
 async def events(state: ServiceState, submitted: Submitted, echo: dict[str, Any]) -> AsyncIterator[bytes]:
     try:
         output = await finish_job(state, submitted, _never, b64=True)
+    except asyncio.CancelledError:  # the client hung up (the response cancels its stream)
+        state.metrics.rejected.labels(reason=ClientDisconnected.reason, model=submitted.job.model.name).inc()
+        raise
     except Exception as exc:  # answered in the stream: its status line has gone
         _error, body = error_body(exc, state.metrics)
         yield sse("error", {"type": "error", **body})

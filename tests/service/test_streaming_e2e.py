@@ -120,8 +120,10 @@ async def test_a_client_that_hangs_up_mid_stream_cancels_its_queued_work(engine:
             assert response.status_code == 200  # the stream has begun; its image is queued
             assert response.headers["content-type"].startswith("text/event-stream")
             await wait_until(lambda: state.batcher.pending_images == 1)
-        # hung up: the queued image is dropped before it reaches the device
+        # hung up: the queued image is dropped before it reaches the device, counted as cancelled
         await wait_until(lambda: state.batcher.pending_images == 0)
+        cancelled = state.metrics.rejected.labels(reason="cancelled", model="fake-tiue")
+        await wait_until(lambda: cancelled._value.get() == 1)
         engine.gate.set()
         assert (await running).status_code == 200
         stream = await sdk(url).images.generate(prompt="c", stream=True, extra_body={"seed": 3})
