@@ -160,8 +160,7 @@ class ServiceMetrics:
         ).set(1)
         self.images_generated.labels(model=name)
         self.device_busy.labels(model=name)
-        if info.safety_checker:
-            self.images_flagged.labels(model=name)
+        self.images_flagged.labels(model=name)
         self.queue_wait.labels(model=name)
         self.batch_size.labels(model=name)
         for reason in REJECT_REASONS:
