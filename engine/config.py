@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from engine.types import BackendName, Decoder, Precision, TorchCompile
+from engine.types import BackendName, Decoder, Precision, SafetyCheck, TorchCompile
 
 
 class Scope(str, Enum):
@@ -105,6 +105,11 @@ class EngineConfig:
         "a diffusers AutoencoderTiny folder to use as the tiny decoder (unset: <model>/vae_tiny when "
         "present); checked against the model's VAE at load",
         scope=Scope.MODEL,
+    )
+    safety_checker: SafetyCheck = setting(
+        SafetyCheck.AUTO,
+        "check every image with the model folder's safety_checker/ and withhold flagged ones (auto: when "
+        "the folder has one; on: the server fails to start without one; off; engine.safety)",
     )
     prompt_cache_size: int = setting(
         1024,

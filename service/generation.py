@@ -12,11 +12,25 @@ from typing import Any, TypeVar
 
 from starlette.types import Message
 
-from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo, random_seed
+from engine.types import (
+    DEVICE_STAGES,
+    Decoder,
+    GeneratedImage,
+    GenerationRequest,
+    ModelInfo,
+    Moderation,
+    random_seed,
+)
 from engine.types import parse_size as parse_engine_size
 from service.edge.caller import Caller
 from service.edge.logs import annotate, request_id
-from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
+from service.errors import (
+    BatchFailed,
+    ClientDisconnected,
+    ContentPolicyViolation,
+    DeadlineExceeded,
+    InvalidInput,
+)
 from service.images import OutputFormat, encode_image
 from service.metrics import IMAGE_ENCODE
 from service.models import ServedModel
@@ -39,6 +53,7 @@ class Job:
     images: tuple[GenerationRequest, ...]  # image i has seed + i (mod 2**32); all else is shared
     output_format: OutputFormat
     quality: int | None = None
+    warnings: tuple[str, ...] = ()  # what resolving it found to say (a parameter ignored)
 
     @property
     def request(self) -> GenerationRequest:
@@ -54,8 +69,13 @@ class Job:
 
 @dataclass
 class EncodedImage:
-    data: bytes  # the encoded file, or its base64 when the answer is JSON
+    data: bytes | None  # the encoded file, or its base64 when the answer is JSON; None: withheld
     seed: int
+
+    @property
+    def withheld(self) -> bool:
+        """The safety checker flagged it: the answer says so in its place."""
+        return self.data is None
 
 
 @dataclass
@@ -64,6 +84,7 @@ class JobOutput:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     decoder: Decoder = Decoder.FULL
+    prompt_tokens: int = 0  # BOS/EOS included, before truncation (the stream's usage)
 
     def server_timing(self) -> str:
         """The `Server-Timing` header: the same timings in milliseconds, readable in browser dev tools."""
@@ -83,13 +104,13 @@ def parse_size(size: str | None, width: int | None, height: int | None, info: Mo
         raise InvalidInput(str(exc), param="size") from None
 
 
-RESOLVED = frozenset({"seed", "width", "height", "decoder"})  # GenerationRequest's fields resolve_job fills
+# GenerationRequest's fields resolve_job fills (defaults to resolve); the others are copied from the body.
+RESOLVED = frozenset({"seed", "width", "height", "decoder", "moderation"})
 
 
 def engine_fields(body: ImageRequestBody) -> dict[str, Any]:
     """The body's fields GenerationRequest has too, copied as they are: a new per-request field is declared
-    in the schema and in GenerationRequest, and nowhere between. The fields with defaults to resolve
-    (seed, size, decoder) are resolve_job's."""
+    in the schema and in GenerationRequest, and nowhere between."""
     shared = {f.name for f in dataclasses.fields(GenerationRequest)} - RESOLVED
     return {name: getattr(body, name) for name in shared if name in type(body).model_fields}
 
@@ -101,23 +122,28 @@ def resolve_job(
     *,
     size: tuple[int, int],
     n: int,
-    seed: int | None,
     decoder: Decoder | None,
     output_format: OutputFormat,
-    quality: int | None,
 ) -> Job:
-    """Every default resolved once (size, seed, decoder; the model already is), within the server's
-    limits: 422 naming the parameter otherwise."""
+    """Every default resolved once (size, seed, decoder, moderation; the model already is), within the
+    server's limits: 422 naming the parameter otherwise."""
     width, height = size
     check_limits(state.settings, model.info, body.prompt, n, width, height)
     request = GenerationRequest(
         **engine_fields(body),
-        seed=random_seed() if seed is None else seed,
+        seed=random_seed() if body.seed is None else body.seed,
         width=width,
         height=height,
         decoder=model.info.decoder_for(decoder),
+        moderation=body.moderation or Moderation.AUTO,
     )
-    return Job(model=model, images=request.images(n), output_format=output_format, quality=quality)
+    return Job(
+        model=model,
+        images=request.images(n),
+        output_format=output_format,
+        quality=body.output_compression,
+        warnings=tuple(moderation_warnings(model.info, body.moderation)),
+    )
 
 
 def check_limits(settings: Settings, info: ModelInfo, prompt: str, n: int, width: int, height: int) -> None:
@@ -168,15 +194,40 @@ def openai_decoder(info: ModelInfo, quality: str | None) -> Decoder | None:
     return Decoder.TINY if quality == "low" and Decoder.TINY in info.decoders else None
 
 
+@dataclass
+class Submitted:
+    """A job admitted and queued: what `finish_job` waits for."""
+
+    job: Job
+    futures: list[asyncio.Future[ItemResult]]
+    deadline: float  # monotonic: the request's arrival plus the timeout
+    started: float  # perf_counter at the job's start
+    decoder: Decoder
+    warnings: list[str]
+    prompt_tokens: int
+
+
 async def run_job(
     state: ServiceState, job: Job, caller: Caller, receive: Callable[[], Awaitable[Message]], b64: bool
 ) -> JobOutput:
     """Validate against the model, admit by cost, queue, wait for the images (or a disconnect or the
     deadline, counted from the request's arrival), encode."""
+    return await finish_job(state, submit_job(state, job, caller), receive, b64)
+
+
+def moderation_warnings(info: ModelInfo, moderation: Moderation | None) -> list[str]:
+    if moderation is None or info.safety_checker:
+        return []
+    return [f"moderation '{moderation.value}' was ignored: model {info.name} runs no safety checker"]
+
+
+def submit_job(state: ServiceState, job: Job, caller: Caller) -> Submitted:
+    """Everything that can refuse a job before its answer starts: limits, the model's rules, admission."""
     started = time.perf_counter()
     model, request, n = job.model, job.request, len(job.images)
     model.pipeline.validate(request)  # its images differ only in their seeds, each within range
-    warnings = prompt_warnings(state, request.prompt, model.info, model.pipeline.count_tokens(request.prompt))
+    tokens = model.pipeline.count_tokens(request.prompt)
+    warnings = prompt_warnings(state, request.prompt, model.info, tokens) + list(job.warnings)
 
     timeout = state.settings.request_timeout_s
     deadline = caller.arrived + timeout
@@ -198,6 +249,15 @@ async def run_job(
         cost_s=cost,
         trace=state.tracing.current(),
     )
+    return Submitted(job, futures, deadline, started, job.decoder, warnings, tokens)
+
+
+async def finish_job(
+    state: ServiceState, submitted: Submitted, receive: Callable[[], Awaitable[Message]], b64: bool
+) -> JobOutput:
+    """Wait for a submitted job's images (or a disconnect, or the deadline), then encode those not withheld."""
+    job, futures, deadline = submitted.job, submitted.futures, submitted.deadline
+    timeout = state.settings.request_timeout_s
     try:
         results = await _unless_gone(
             MicroBatcher.results(futures), receive, deadline - time.monotonic(), timeout
@@ -213,26 +273,47 @@ async def run_job(
         batch_ids=sorted({result.batch_id for result in results}),
     )
 
+    made = [image for result in results for image in result.images]
+    warnings = submitted.warnings + _withheld_warnings(made)
+    if all(image.flagged for image in made):
+        annotate(withheld=len(made))
+        raise ContentPolicyViolation(
+            ("the image was" if len(made) == 1 else f"all {len(made)} images were")
+            + " flagged by the safety checker and withheld; try another prompt or seed",
+            param="prompt",
+        )
     encode_started = time.perf_counter()
-    pixels = [image for result in results for image in result.images]
-    with state.tracing.span("image_encode", images=len(pixels), format=job.output_format):
-        encoded = await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64)) for p in pixels))
+    shown = [image for image in made if not image.flagged]
+    with state.tracing.span("image_encode", images=len(shown), format=job.output_format):
+        encoded = iter(
+            await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64, state)) for p in shown))
+        )
     encode_s = time.perf_counter() - encode_started
-    for _data, seconds in encoded:
-        state.metrics.stage_duration.labels(stage=IMAGE_ENCODE, model=model.name).observe(seconds)
+    images = []
+    for image in made:
+        data = None if image.flagged else next(encoded)[0]
+        images.append(EncodedImage(data, image.seed))
+    timings = _timings(results, encode_s, time.perf_counter() - submitted.started)
+    return JobOutput(images, timings, warnings, submitted.decoder, submitted.prompt_tokens)
 
-    images = [EncodedImage(data, image.seed) for (data, _s), image in zip(encoded, pixels, strict=True)]
-    timings = _timings(results, encode_s, time.perf_counter() - started)
-    return JobOutput(images, timings, warnings, job.decoder)
+
+def _withheld_warnings(images: list[GeneratedImage]) -> list[str]:
+    return [
+        f"image {index} (seed {image.seed}) was withheld: the safety checker flagged it"
+        for index, image in enumerate(images)
+        if image.flagged
+    ]
 
 
-def _encoder(pixels: Any, job: Job, b64: bool) -> Callable[[], tuple[bytes, float]]:
+def _encoder(pixels: Any, job: Job, b64: bool, state: ServiceState) -> Callable[[], tuple[bytes, float]]:
     def encode() -> tuple[bytes, float]:
         started = time.perf_counter()
         data = encode_image(pixels, job.output_format, job.quality)
         if b64:
             data = base64.b64encode(data)
-        return data, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        state.metrics.stage_duration.labels(stage=IMAGE_ENCODE, model=job.model.name).observe(seconds)
+        return data, seconds
 
     return encode
 

@@ -307,7 +307,9 @@ class Settings(_EngineSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("backend", "precision", "log_level", "log_format", "prompt_policy", mode="before")
+    @field_validator(
+        "backend", "precision", "log_level", "log_format", "prompt_policy", "safety_checker", mode="before"
+    )
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -12,9 +12,19 @@ from service.compat import compression_warnings, openai_warnings
 from service.deps import CallerDep, State
 from service.edge.auth import bearer_scheme
 from service.errors import NotAcceptable, UnsupportedMediaType
-from service.generation import JobOutput, openai_decoder, parse_size, resolve_job, resolve_model, run_job
+from service.generation import (
+    JobOutput,
+    finish_job,
+    openai_decoder,
+    parse_size,
+    resolve_job,
+    resolve_model,
+    run_job,
+    submit_job,
+)
 from service.images import MEDIA_TYPES, ImagePreference, OutputFormat, negotiate
 from service.schemas import (
+    WITHHELD,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -23,6 +33,7 @@ from service.schemas import (
     OpenAIImagesResponse,
     Timings,
 )
+from service.streaming import PARTIAL_IMAGES_WARNING, stream_job
 
 
 async def require_json(request: Request) -> None:
@@ -50,7 +61,12 @@ def _headers(output: JobOutput) -> dict[str, str]:
 
 
 def _data(output: JobOutput) -> list[ImageData]:
-    return [ImageData(b64_json=image.data.decode("ascii"), seed=image.seed) for image in output.images]
+    return [
+        ImageData(b64_json=None, seed=image.seed, withheld=WITHHELD)
+        if image.data is None
+        else ImageData(b64_json=image.data.decode("ascii"), seed=image.seed)
+        for image in output.images
+    ]
 
 
 def _output_format(body: GenerateRequest, preference: ImagePreference) -> OutputFormat:
@@ -82,19 +98,11 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
     model = resolve_model(state, body.model)
     preference = negotiate(request.headers.get("accept"))
     output_format = _output_format(body, preference)
+    width, height = parse_size(body.size, body.width, body.height, model.info)
     job = resolve_job(
-        state,
-        model,
-        body,
-        size=parse_size(body.size, body.width, body.height, model.info),
-        n=body.n,
-        seed=body.seed,
-        decoder=body.decoder,
-        output_format=output_format,
-        quality=body.output_compression,
+        state, model, body, size=(width, height), n=body.n, decoder=body.decoder, output_format=output_format
     )
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
-    key = job.request.batch_key
     output.warnings[:0] = compression_warnings(output_format, body.output_compression)
 
     headers = _headers(output)
@@ -107,7 +115,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
         created=int(time.time()),
         model=model.name,
         decoder=output.decoder,
-        size=f"{key.width}x{key.height}",
+        size=f"{width}x{height}",
         output_format=job.output_format,
         data=_data(output),
         timings=Timings(**output.timings),
@@ -118,35 +126,50 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
 
 @router.post(
     "/v1/images/generations",
-    summary="OpenAI-compatible image generation (response_format b64_json)",
+    summary="OpenAI-compatible image generation (response_format b64_json; stream: server-sent events)",
     response_model=None,
-    responses={200: {"model": OpenAIImagesResponse}, **{k: v for k, v in _ERRORS.items() if k != 406}},
+    responses={
+        200: {
+            "model": OpenAIImagesResponse,
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **{k: v for k, v in _ERRORS.items() if k != 406},
+    },
 )
 async def openai_generations(
     body: OpenAIImageRequest, request: Request, state: State, caller: CallerDep
 ) -> Response:
     model = resolve_model(state, body.model)
+    width, height = parse_size(body.size, None, None, model.info)
     output_format: OutputFormat = body.output_format or "png"
     job = resolve_job(
         state,
         model,
         body,
-        size=parse_size(body.size, None, None, model.info),
+        size=(width, height),
         n=body.n or 1,
-        seed=body.seed,
         decoder=openai_decoder(model.info, body.quality),
         output_format=output_format,
-        quality=body.output_compression,
     )
-    output = await run_job(state, job, caller, request.receive, b64=True)
-    key = job.request.batch_key
-    output.warnings[:0] = openai_warnings(body, model.info)
+    submitted = submit_job(state, job, caller)  # what refuses the job does so here, before any stream
+    submitted.warnings[:0] = openai_warnings(body, model.info)
+    if body.partial_images:
+        submitted.warnings.append(PARTIAL_IMAGES_WARNING)
+    if body.stream:
+        echo = {
+            "size": f"{width}x{height}",
+            "output_format": output_format,
+            "background": body.background or "auto",
+            "quality": body.quality or "auto",
+        }
+        return stream_job(state, submitted, echo)
+    output = await finish_job(state, submitted, request.receive, b64=True)
     response = OpenAIImagesResponse(
         created=int(time.time()),
         model=model.name,
         decoder=output.decoder,
         data=_data(output),
-        size=f"{key.width}x{key.height}",
+        size=f"{width}x{height}",
         output_format=output_format,
         warnings=output.warnings,
     )

@@ -249,6 +249,9 @@ class DeviceWorker:
         model = batch.model
         model.cost.observe(batch.key, len(requests), done.seconds)
         self._metrics.images_generated.labels(model=model.name).inc(len(requests))
+        flagged = sum(image.flagged for image in result.images)
+        if flagged:
+            self._metrics.images_flagged.labels(model=model.name).inc(flagged)
         self._metrics.batch_size.labels(model=model.name).observe(len(requests))
         for stage, stage_s in result.timings.items():
             if stage in DEVICE_STAGES:
