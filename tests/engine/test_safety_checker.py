@@ -21,7 +21,7 @@ from tests.support.tiny_safety import CARE_SEED, FLAGGED_SEED, PROMPT, SEEDS, SI
 
 @pytest.fixture(scope="module")
 def pipeline(safety_model_dir: Path) -> TiUEPipeline:
-    return load_pipeline(EngineConfig(model_dir=safety_model_dir))
+    return load_pipeline(EngineConfig(model_dir=safety_model_dir, max_batch_size=8))
 
 
 def _requests(moderation: Moderation = Moderation.AUTO) -> list[GenerationRequest]:

@@ -100,7 +100,9 @@ def add_aimed_safety_checker(model_dir: Path) -> None:
     from engine.types import GenerationRequest, SafetyCheck
 
     add_safety_checker(model_dir)
-    pipeline = load_pipeline(EngineConfig(model_dir=model_dir, safety_checker=SafetyCheck.OFF))
+    pipeline = load_pipeline(
+        EngineConfig(model_dir=model_dir, safety_checker=SafetyCheck.OFF, max_batch_size=len(SEEDS))
+    )
     result = pipeline.generate([GenerationRequest(PROMPT, seed, SIZE, SIZE) for seed in SEEDS])
     embeddings = image_embeddings(model_dir, [image.pixels for image in result.images])
     flagged, own, other = _direction(embeddings, list(SEEDS).index(FLAGGED_SEED))
