@@ -5,7 +5,9 @@ The math lives here once; backends only run the three compute stages.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -47,6 +49,11 @@ class TiUEPipeline:
         if config.decoder not in decoders:
             raise ModelLoadError(f"decoder {config.decoder.value} is not loaded; loaded: {_names(decoders)}")
         self._warmed = False  # set by warmup(): from then on a compiled pipeline compiles nothing more
+        # A fast tokenizer keeps its padding/truncation settings in mutable state: shared by the device
+        # thread (padded batches) and the event loop (counting for admission), one call can run with the
+        # other's settings and fail. The device thread owns `components.tokenizer`; counting has its own.
+        self._counting_tokenizer = copy.deepcopy(components.tokenizer)
+        self._counting_lock = threading.Lock()
         self.info = ModelInfo(
             name=components.name,
             backend=backend.name,
@@ -86,8 +93,10 @@ class TiUEPipeline:
             raise UnsupportedSizeError(f"size {request.width}x{request.height} is not supported: {reason}")
 
     def count_tokens(self, prompt: str) -> int:
-        """Tokens including BOS/EOS, before truncation to the text encoder's window."""
-        return len(self.components.tokenizer(prompt, truncation=False).input_ids)
+        """Tokens including BOS/EOS, before truncation to the text encoder's window. Safe to call from any
+        thread while batches run (the device thread's tokenizer is never touched)."""
+        with self._counting_lock:
+            return len(self._counting_tokenizer(prompt, truncation=False).input_ids)
 
     # -- generation -----------------------------------------------------------------------------
 
