@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from engine.errors import InvalidRequestError, UnsupportedSizeError
-from service.edge.logs import current_request, request_id
+from service.edge.logs import current_request, printable, request_id
 from service.metrics import NO_MODEL, ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -238,10 +238,10 @@ def error_response(exc: BaseException, metrics: ServiceMetrics | None) -> JSONRe
     if error.reason is not None and metrics is not None:
         record = current_request()
         metrics.rejected.labels(reason=error.reason, model=record.model if record else NO_MODEL).inc()
-    detail: dict[str, str | None] = {
-        "message": error.message,
+    detail: dict[str, str | None] = {  # messages and params may quote the request: escaped, any code point
+        "message": printable(error.message),
         "type": error.error_type,
-        "param": error.param,
+        "param": None if error.param is None else printable(error.param),
         "code": error.reason,
     }
     rid = request_id()
