@@ -147,6 +147,17 @@ class Settings(BaseSettings):
         description="open TCP connections; one more is closed as soon as accepted (a few extra serve only "
         "the health routes). Default: the open-file limit less a reserve, at most 1024",
     )
+    max_connections_per_address: int | None = Field(
+        default=None,
+        ge=1,
+        description="open TCP connections from one client address; more are closed as soon as accepted "
+        "(default: an eighth of max_connections). Addresses in forwarded_allow_ips are exempt",
+    )
+    forwarded_allow_ips: str = Field(
+        default="",
+        description="proxies whose X-Forwarded-For / X-Forwarded-Proto are believed: comma-separated "
+        "addresses or CIDR ranges, or * (unset: none; a client's own address is its identity)",
+    )
     max_in_flight: int = Field(
         default=256,
         ge=1,
@@ -238,6 +249,13 @@ class Settings(BaseSettings):
             _parse_size(text)
         return value
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        from service.edge.connections import TrustedProxies  # noqa: PLC0415 - it imports settings' neighbours
+
+        return TrustedProxies(value).spec
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
@@ -282,6 +300,7 @@ class Settings(BaseSettings):
         "max_size",
         "max_queue_s",
         "rate_limit_burst",
+        "max_connections_per_address",
         mode="before",
     )
     @classmethod
@@ -322,6 +341,12 @@ class Settings(BaseSettings):
     def size_limit(self, native_size: int) -> int:
         """The largest width or height served: the setting, else twice the model's native size."""
         return self.max_size if self.max_size is not None else 2 * native_size
+
+    def per_address_limit(self, max_connections: int) -> int:
+        """The connections one client address may hold: the setting, else an eighth of the total cap."""
+        if self.max_connections_per_address is not None:
+            return self.max_connections_per_address
+        return max(1, max_connections // 8)
 
     @property
     def max_wait_s(self) -> float:
