@@ -74,9 +74,27 @@ class UnsupportedMediaType(ServiceError):
 
 
 class PayloadTooLarge(ServiceError):
+    """Answered once the body is read and dropped (up to a bound), then the connection is closed."""
+
     status_code = 413
     error_type = "invalid_request_error"
     reason = "invalid"
+
+    def __init__(self, message: str, *, param: str | None = "body"):
+        super().__init__(message, param=param, headers={"Connection": "close"})
+
+
+class MalformedRequest(ServiceError):
+    """The request's framing or headers are ambiguous (a smuggling risk behind a proxy): answered, then the
+    connection is closed, since where the next request would start is not known."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    reason = "invalid"
+
+    def __init__(self, message: str, *, status_code: int = 400):
+        super().__init__(message, headers={"Connection": "close"})
+        self.status_code = status_code
 
 
 class Unauthorized(ServiceError):

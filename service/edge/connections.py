@@ -8,7 +8,9 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from enum import Enum
@@ -20,7 +22,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.errors import Overloaded, RequestTimeout, ShuttingDown, error_response
+from service.edge.logs import RequestRecord, log_access, request_context
+from service.errors import MalformedRequest, Overloaded, RequestTimeout, ShuttingDown, error_response
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -285,6 +288,24 @@ class GuardedH11Protocol(H11Protocol):
         elif self._header_timer is None and not self.transport.is_closing():
             self._arm_header_timer()  # the first bytes of the next request on a kept-alive connection
 
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (garbage request line, conflicting Content-Length, TE other than
+        chunked...): the JSON error every other answer has, with a request ID that its log line carries,
+        instead of uvicorn's plain text. Called inside h11's `except`, so the error is at hand."""
+        error = sys.exc_info()[1]
+        status = getattr(error, "error_status_hint", 400)
+        reason = f": {error}" if isinstance(error, h11.RemoteProtocolError) and str(error) else ""
+        record = RequestRecord(uuid.uuid4().hex, "-", "-", _peer(self.client), time.perf_counter())
+        with request_context(record):
+            bad = MalformedRequest(f"the request is not valid HTTP/1.1{reason}", status_code=status)
+            response = error_response(bad, self.guard.metrics)
+            response.headers["x-request-id"] = record.request_id
+            log_access(record, status, time.perf_counter() - record.started)
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(response))
+            self.transport.close()
+
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self._header_timeout_s(), self._header_timeout)
 
@@ -345,6 +366,10 @@ class GuardedH11Protocol(H11Protocol):
 def protocol_class(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
     """The protocol class to pass as uvicorn's `Config(http=...)`, its connections bound to `guard`."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+
+
+def _peer(client: tuple[str, int] | None) -> str | None:
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 def _raw_response(response: Response) -> bytes:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 from fakes import FakeEngine
 from serving import raw_connection, read_until_closed, tiue_server
@@ -127,3 +128,88 @@ async def test_json_log_lines_stay_valid_json_for_any_input(
     lines = [json.loads(line) for line in json_log.getvalue().splitlines()]  # each line one object
     routes = [line.get("route") for line in lines if line["logger"] == "tiue.access"]
     assert "/v1/models/\x1b\x00\n\u202e" in routes  # JSON carries the value exactly, escaped by JSON itself
+
+
+def assert_json_error(status: int, headers: dict[str, str], body: bytes, expected: int) -> dict[str, str]:
+    assert status == expected, body
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    error: dict[str, str] = json.loads(body)["error"]
+    assert error["request_id"] == headers["x-request-id"]
+    return error
+
+
+async def test_content_length_with_transfer_encoding_is_a_400(engine: FakeEngine) -> None:
+    body = b'{"prompt": "a red circle"}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    async with tiue_server(engine) as served:
+        answer = await exchange(served.port, post("/generate", chunked, "Transfer-Encoding: chunked"))
+    error = assert_json_error(*answer, 400)
+    assert "Content-Length or Transfer-Encoding" in error["message"]
+    assert not engine.batches
+
+
+@pytest.mark.parametrize("keys", [("right", "wrong"), ("wrong", "right"), ("right", "right")])
+async def test_two_authorization_headers_are_a_400_whichever_comes_first(
+    engine: FakeEngine, keys: tuple[str, str]
+) -> None:
+    auth = [f"Authorization: Bearer {key}" for key in keys]
+    async with tiue_server(engine, api_keys="right") as served:
+        answer = await exchange(served.port, post("/generate", b'{"prompt": "a red circle"}', *auth))
+    error = assert_json_error(*answer, 400)
+    assert "Authorization header is given 2 times" in error["message"]
+    assert not engine.batches
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "said"),
+    [
+        (
+            b"GET /livez HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+            "Content-Length",
+        ),
+        (
+            post("/generate", b"{}", "Transfer-Encoding: gzip").replace(b"Content-Length: 2\r\n", b""),
+            501,  # h11's hint: a transfer coding it does not implement
+            "chunked",
+        ),
+        (b"\x16\x03\x01garbage\r\n\r\n", 400, ""),
+        (b"GET /livez HTTP/1.1\r\nHost: t\r\nBad Header: 1\r\n\r\n", 400, ""),
+    ],
+    ids=["conflicting-content-length", "te-gzip", "garbage-request-line", "bad-header-name"],
+)
+async def test_requests_h11_cannot_parse_get_a_json_400_with_a_request_id(
+    engine: FakeEngine, json_log: io.StringIO, request_bytes: bytes, status: int, said: str
+) -> None:
+    async with tiue_server(engine) as served:
+        answer = await exchange(served.port, request_bytes)
+    error = assert_json_error(*answer, status)
+    assert error["message"].startswith("the request is not valid HTTP/1.1") and said in error["message"]
+    assert error["code"] == "invalid"
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    access = [line for line in lines if line["logger"] == "tiue.access"]
+    assert [(line["status"], line["request_id"]) for line in access] == [(status, error["request_id"])]
+
+
+async def chunks(chunk: bytes, count: int) -> AsyncIterator[bytes]:
+    for _ in range(count):
+        yield chunk
+
+
+async def test_an_oversized_body_gets_a_readable_413_before_the_connection_closes(engine: FakeEngine) -> None:
+    big = b'{"prompt": "' + b"x" * 10_000_000 + b'"}'
+    async with tiue_server(engine) as served:
+        reader, writer = await raw_connection(served.port)
+        writer.write(post("/generate", big))
+        await writer.drain()  # every byte of it sent: nothing reset the connection meanwhile
+        answer = split(await read_until_closed(reader, timeout=10))
+        writer.close()
+        async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+            streamed = await client.post(
+                "/generate",
+                content=chunks(b"x" * 65536, 160),  # chunked: found too large while read
+                headers={"Content-Type": "application/json"},
+            )
+    error = assert_json_error(*answer, 413)
+    assert error["message"] == "the request body is larger than 65536 bytes" and error["param"] == "body"
+    assert streamed.status_code == 413 and streamed.json()["error"]["param"] == "body"
