@@ -20,13 +20,13 @@ from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, In
 from service.images import OutputFormat, encode_image
 from service.metrics import IMAGE_ENCODE
 from service.models import ServedModel
+from service.scheduling.admission import device_deadline
 from service.scheduling.batcher import BatchKey, ItemResult, MicroBatcher
 from service.settings import PromptPolicy, Settings
 from service.state import ServiceState
 
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 _SEED_SPACE = 2**32
-ANSWER_MARGIN = 0.1  # of the timeout (at most 1 s), kept for encoding and sending the images
 T = TypeVar("T")
 
 
@@ -154,21 +154,21 @@ async def run_job(
     ]
     for request in requests:
         pipeline.validate(request)
-    warnings = prompt_warnings(state, job.prompt, info, pipeline.count_tokens(job.prompt))
 
     timeout = state.settings.request_timeout_s
     deadline = caller.arrived + timeout
-    # The images must be made early enough to be encoded and sent within the timeout.
-    device_deadline = deadline - min(ANSWER_MARGIN * timeout, 1.0)
+    images_by = device_deadline(caller.arrived, timeout)
     size = requests[0].shape_key
     cost = state.admission.admit(
-        caller.client, size, job.n, device_deadline, info.size_multiple, cost_model=model.cost
+        caller.client, size, job.n, images_by, info.size_multiple, cost_model=model.cost
     )
+    # Counted once admitted: a refused request is never tokenized (under overload, most are refused).
+    warnings = prompt_warnings(state, job.prompt, info, pipeline.count_tokens(job.prompt))
     seeds = [request.seed for request in requests]
     annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
     key = BatchKey(model.name, job.width, job.height, decoder)
     futures = state.batcher.submit(
-        key, requests, device_deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
+        key, requests, images_by, client=caller.client, request_id=request_id() or "", cost_s=cost
     )
     try:
         results = await _unless_gone(

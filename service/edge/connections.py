@@ -82,7 +82,9 @@ class TrustedProxies:
                 try:
                     self.networks.append(ipaddress.ip_network(entry, strict=False))
                 except ValueError as exc:
-                    raise ValueError(f"forwarded_allow_ips: '{entry}' is not an address or CIDR range") from exc
+                    raise ValueError(
+                        f"forwarded_allow_ips: '{entry}' is not an address or CIDR range"
+                    ) from exc
 
     def __contains__(self, host: object) -> bool:
         if self.any:

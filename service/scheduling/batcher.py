@@ -213,6 +213,15 @@ class MicroBatcher:
         ahead = sum(item.cost_s for item in self._queued_items() if item.tag <= start)
         return max(self._running_s, 0.0) + ahead
 
+    def check_room(self, images: int) -> None:
+        """QueueFull unless `images` more fit within the queue's capacity."""
+        if self._pending_images + images > self.capacity_images:
+            raise QueueFull(
+                f"the queue is full ({self._pending_images} of {self.capacity_images} images waiting); "
+                "retry after the time in the Retry-After header",
+                retry_after_s=self.queued_seconds,
+            )
+
     @contextmanager
     def arrival(self) -> Iterator[None]:
         """A generation request from its arrival (before its body is read) to its answer."""
@@ -242,12 +251,7 @@ class MicroBatcher:
             raise ShuttingDown("the server is shutting down and takes no new work")
         if not requests:
             raise ValueError("submit() needs at least one request")
-        if self._pending_images + len(requests) > self.capacity_images:
-            raise QueueFull(
-                f"the queue is full ({self._pending_images} of {self.capacity_images} images waiting); "
-                "retry after the time in the Retry-After header",
-                retry_after_s=self.queued_seconds,
-            )
+        self.check_room(len(requests))
         loop = asyncio.get_running_loop()
         now = self._clock()
         futures: list[asyncio.Future[ItemResult]] = []
