@@ -158,6 +158,13 @@ class Settings(BaseSettings):
         description="proxies whose X-Forwarded-For / X-Forwarded-Proto are believed: comma-separated "
         "addresses or CIDR ranges, or * (unset: none; a client's own address is its identity)",
     )
+    event_loop_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="once ready, the HTTP event loop's (and encoding threads') nice value above the device "
+        "thread's: under a flood of requests the device keeps its CPU (0: equal shares)",
+    )
     max_in_flight: int = Field(
         default=256,
         ge=1,

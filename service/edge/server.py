@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import socket
+import threading
 from types import FrameType
 
 import uvicorn
@@ -40,11 +42,27 @@ class TiueServer(uvicorn.Server):
         self._loop = loop = asyncio.get_running_loop()
         previous = loop.get_exception_handler()
         loop.set_exception_handler(self.guard.exception_handler(previous))
+        yielding = loop.create_task(self._yield_to_device(), name="tiue-nice")
         try:
             await super().serve(sockets)
         finally:
+            yielding.cancel()
             loop.set_exception_handler(previous)
             self.guard.flush_logs()
+
+    async def _yield_to_device(self) -> None:
+        """Once ready (the device thread exists, at nice 0), lower this thread's priority by
+        TIUE_EVENT_LOOP_NICE: on a busy CPU, answering (and refusing) requests must not take the device's
+        time. Threads started from here later (image encoding) inherit it. Linux only; never raised back."""
+        nice = self.state.settings.event_loop_nice
+        if not nice:
+            return
+        await self.state.ready.wait()
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except (AttributeError, OSError) as exc:
+            logger.info("the event loop keeps its priority (TIUE_EVENT_LOOP_NICE=%d: %s)", nice, exc)
 
     async def on_tick(self, counter: int) -> bool:
         self.guard.flush_logs()  # a count held back by the log interval goes out within 0.1 s of its end

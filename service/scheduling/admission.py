@@ -137,7 +137,9 @@ class Admission:
             )
         left = deadline - self._clock()
         wait = self.batcher.wait_estimate_s(client)
-        if wait + finish > left:
+        # With nothing ahead it goes at once: an estimate that grew stale under load must not refuse
+        # every request for ever (no batch would run to correct it).
+        if wait > 0 and wait + finish > left:
             raise QueueFull(
                 f"the device could not finish this request within the {self.settings.request_timeout_s:g} s "
                 f"timeout (about {wait:.1f} s of work is ahead of it); retry after the time in the "

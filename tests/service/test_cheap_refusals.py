@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 from fakes import FakeEngine, wait_until
-from serving import raw_connection, tiue_server
+from serving import fake_server_process, raw_connection, tiue_server
 
 from service.scheduling.cost import CostModel
 
@@ -109,3 +110,21 @@ async def test_a_request_over_its_clients_share_is_refused_before_it_is_tokenize
     assert over.status_code == 429, over.text
     assert "too many at once" not in engine.counted
     assert "may hold" in over.json()["error"]["message"]
+
+
+def thread_nice(pid: int) -> dict[int, int]:
+    """Each thread's nice value by thread ID, from /proc (field 19 of stat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[int(task.name)] = int(fields[16])
+    return out
+
+
+def test_once_ready_the_event_loop_yields_the_cpu_to_the_device_thread() -> None:
+    with fake_server_process() as (process, _port):
+        nice = thread_nice(process.pid)
+    main = nice.pop(process.pid)  # the event loop's thread
+    assert main == 10 and nice and set(nice.values()) == {0}, (
+        nice
+    )  # the device thread (started before) kept 0
