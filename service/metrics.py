@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from engine.types import DEVICE_STAGES, ModelInfo
 
@@ -66,6 +68,21 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("tiue_queue_depth", "Images waiting for the device.", registry=r)
+        # The limits the alert rules compare against (deploy/prometheus/alerts.yml): set once, from settings.
+        self.queue_capacity = Gauge(
+            "tiue_queue_capacity_images", "Images the queue holds (TIUE_QUEUE_SIZE); beyond, 429.", registry=r
+        )
+        self.request_timeout = Gauge(
+            "tiue_request_timeout_seconds",
+            "TIUE_REQUEST_TIMEOUT_S: a request not answered by then gets 504.",
+            registry=r,
+        )
+        self.device_busy = Counter(
+            "tiue_device_busy_seconds",
+            "Seconds the device thread spent running batches (failed ones too): its rate is the utilisation.",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "tiue_in_flight_requests",
             "Generation requests being handled (queued, running or encoding).",
@@ -132,6 +149,8 @@ class ServiceMetrics:
             "Connections closed because a request's headers took longer than TIUE_HEADER_TIMEOUT_S.",
             registry=r,
         )
+        self.prompt_cache = _PromptCacheCollector()
+        r.register(self.prompt_cache)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason, model=NO_MODEL)
         for reason in WASTE_REASONS:
@@ -144,6 +163,7 @@ class ServiceMetrics:
             model=name, backend=info.backend, precision=info.precision, device=info.device
         ).set(1)
         self.images_generated.labels(model=name)
+        self.device_busy.labels(model=name)
         self.queue_wait.labels(model=name)
         self.batch_size.labels(model=name)
         for reason in REJECT_REASONS:
@@ -151,11 +171,50 @@ class ServiceMetrics:
         for stage in STAGES:
             self.stage_duration.labels(stage=stage, model=name)
 
+    def set_limits(self, queue_images: int, request_timeout_s: float) -> None:
+        self.queue_capacity.set(queue_images)
+        self.request_timeout.set(request_timeout_s)
+
+    def track_prompt_cache(self, model: str, stats: Callable[[], tuple[int, int]]) -> None:
+        """A model's prompt-embedding cache: `stats()` gives its (hits, misses), read at each scrape."""
+        self.prompt_cache.models[model] = stats
+
     def track_queue_depth(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PromptCacheCollector(Collector):
+    """tiue_prompt_cache_{hits,misses}_total{model}: the engine counts (engine.prompt_cache), we export."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, Callable[[], tuple[int, int]]] = {}
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield from self._families()
+
+    def _families(self) -> Iterator[CounterMetricFamily]:
+        hits = CounterMetricFamily(
+            "tiue_prompt_cache_hits",
+            "Distinct prompts of a batch whose text-encoder output was cached.",
+            labels=["model"],
+        )
+        misses = CounterMetricFamily(
+            "tiue_prompt_cache_misses",
+            "Distinct prompts of a batch the text encoder ran for.",
+            labels=["model"],
+        )
+        for model, stats in self.models.items():
+            hit, miss = stats()
+            hits.add_metric([model], hit)
+            misses.add_metric([model], miss)
+        yield hits
+        yield misses
 
 
 def _batch_buckets(max_batch_size: int) -> list[int]:

@@ -61,6 +61,16 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def check_alias(alias: str, target: str, models: list[str]) -> None:
+    """An alias names a served model and is not itself one: ValueError in one line saying which."""
+    if alias in models:
+        raise ValueError(f"model_aliases: '{alias}' is the name of a served model, not an alias")
+    if target not in models:
+        raise ValueError(
+            f"model_aliases: '{alias}' names '{target}', which is not a served model ({', '.join(models)})"
+        )
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment; passed into `create_app`."""
 
@@ -89,9 +99,11 @@ class Settings(BaseSettings):
         default=False, description="compiled backends: build missing artefacts at load instead of refusing"
     )
     torch_compile: TorchCompile = Field(
-        default=TorchCompile.OFF,
-        description="torch backend: compile the denoiser and decoders for each warmed batch size and size "
-        "before the server is ready (reduce-overhead: CUDA graphs too; true/false: default/off)",
+        default=TorchCompile.AUTO,
+        description="torch backend: compile the text encoder, denoiser and decoders for each warmed batch "
+        "size and size before the server is ready (reduce-overhead: CUDA graphs too; aot: the AOTInductor "
+        "packages `tiue build-engines --backend torch` built; auto: on CUDA those packages when usable, else "
+        "reduce-overhead, on the CPU off; true/false: default/off)",
     )
     compile_cache_dir: Path | None = Field(
         default=None,
@@ -100,11 +112,17 @@ class Settings(BaseSettings):
     warm_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description="batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next "
-        "(unset: powers of two below max_batch_size, and max_batch_size)",
+        "(unset: on CUDA 1, 2, 4, 8, 16 below max_batch_size, elsewhere the powers of two below it; and max_batch_size)",
     )
     warm_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="image sizes warmed (compiled) before ready, comma-separated WxH or N (unset: the native size)",
+    )
+    prompt_cache_size: int = Field(
+        default=1024,
+        ge=0,
+        description="prompts whose text-encoder output is kept (LRU by token ids; at SD size about 160 KB "
+        "each on the device); 0: off",
     )
     decoder: Decoder = Field(
         default=Decoder.FULL,
@@ -230,6 +248,21 @@ class Settings(BaseSettings):
     log_format: LogFormat = LogFormat.TEXT  # json: one object per line, for log collectors
     playground: bool = Field(default=True, description="serve the browser playground at GET / (false: 404)")
 
+    # Browsers and tools written for other image APIs (docs/api.md, Browsers and tools).
+    docs: bool = Field(
+        default=True, description="serve the API docs at /docs, from packaged assets (false: 404)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins whose pages may call the API, comma-separated (https://app.example.com; *: any); "
+        "unset: none",
+    )
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="other names for served models, ALIAS=MODEL,... (gpt-image-1=default): requests and "
+        "/v1/models accept the alias",
+    )
+
     @field_validator("torch_compile", mode="before")
     @classmethod
     def _compile_mode(cls, value: Any) -> Any:
@@ -268,6 +301,38 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        aliases: dict[str, str] = {}
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            alias, sep, target = (text.strip() for text in entry.partition("="))
+            if not sep or not target:
+                raise ValueError(f"'{entry}' is not ALIAS=MODEL (e.g. gpt-image-1=default)")
+            if alias in aliases:
+                raise ValueError(f"the alias '{alias}' is given twice")
+            aliases[alias] = target
+        return aliases
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _alias_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for alias in value:
+            if not MODEL_NAME.fullmatch(alias):
+                raise ValueError(f"the alias '{alias}' is not 1-64 letters, digits, '.', '_' or '-'")
         return value
 
     @field_validator("models", mode="before")
@@ -334,6 +399,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_model '{self.default_model}' is not one of the models: {', '.join(self.models)}"
             )
+        if self.models:  # otherwise the one model's name is known once it is loaded (ServiceState.load)
+            for alias, target in self.model_aliases.items():
+                check_alias(alias, target, list(self.models))
         if self.queue_size < self.max_n:
             raise ValueError(
                 f"queue_size ({self.queue_size} images) is smaller than max_n ({self.max_n}): "
@@ -386,4 +454,5 @@ class Settings(BaseSettings):
             threads=self.threads,
             decoder=self.decoder,
             tiny_decoder_dir=self.tiny_decoder_dir,
+            prompt_cache_size=self.prompt_cache_size,
         )
