@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -642,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, cpu_list(args.client_cpus))  # hey, curl and the load processes inherit it
     if args.refusal_cost:
         line = refusal_cost(args)
-        command = "python bench/overload.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python bench/overload.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         print(f"`{command}` — load average {os.getloadavg()[0]:.1f}: {line}")
         return 0
     rows = scenarios(args)
@@ -651,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.fake
         else "the embedded default model"
     )
-    command = "python bench/overload.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/overload.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = (
         f"`{command}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {engine}, "
         f"max_batch_size {args.max_batch_size}, {os.cpu_count()} CPUs, server on CPUs "
