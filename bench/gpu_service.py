@@ -75,7 +75,8 @@ class Plan:
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.smoke:
         return Plan(True, window_s=1.5, warm_s=0.5, min_calls=2, min_s=0.2, peer_batches=(1,))
-    return Plan(False, window_s=args.window_s, warm_s=1.0, min_calls=20, min_s=1.0)
+    peers = tuple(int(b) for b in args.peer_batches.split(","))
+    return Plan(False, window_s=args.window_s, warm_s=1.0, min_calls=20, min_s=1.0, peer_batches=peers)
 
 
 # -- settings shared by the server, the direct engine and the artefact build ----------------------
@@ -346,7 +347,7 @@ def section_artefacts(
         )
         return
     size_mb = sum(f.stat().st_size for f in (work / "engines").rglob("*") if f.is_file()) / 1e6
-    packages = len(re.findall(r"compiled \S+\.pt2 in", build.stdout + build.stderr))
+    packages = len(list((work / "engines").rglob("*.pt2")))
     report.note(
         f"tiue build-engines --backend torch: {built_s:.0f}s, {packages} packages, {size_mb:.0f} MB in the engine dir"
     )
@@ -418,7 +419,8 @@ def children(
         "cache": "warm compile cache (the server's)" if "service" not in skip else "empty compile cache",
     }
     # the GPU's warm start took ~30 % of its cold one (docs/benchmarks.md); the peer compiles two batch sizes
-    estimates = {"direct": 10.0 if plan.smoke else 40 + 0.5 * cold_s, "peer": 15.0 if plan.smoke else 150.0}
+    peer_s = 75.0 * len(plan.peer_batches)
+    estimates = {"direct": 10.0 if plan.smoke else 40 + 0.5 * cold_s, "peer": 15.0 if plan.smoke else peer_s}
     batches = {"direct": direct_batches(args.max_batch_size), "peer": list(plan.peer_batches)}
     for kind in ("direct", "peer"):
         left = deadline - time.monotonic()
@@ -486,6 +488,7 @@ def main() -> int:
         "--out", type=Path, default=None, help="folder for gpu_service.md/.json (rewritten per row)"
     )
     parser.add_argument("--budget-s", type=float, default=None, help="default 420 (smoke 110)")
+    parser.add_argument("--peer-batches", default="1,8", help="the peer's batch sizes (GPU), e.g. 1")
     parser.add_argument("--skip", default="", help="sections to skip: service,direct,peer,artefacts")
     parser.add_argument(
         "--decoder", choices=("full", "tiny"), default="tiny", help="TIUE_DECODER (default tiny)"

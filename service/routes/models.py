@@ -39,6 +39,9 @@ class ModelObject(BaseModel):
     max_prompt_tokens: int
     decoders: list[Decoder] = Field(description='what `"decoder"` in /generate may name')
     default_decoder: Decoder = Field(description="the decoder of a request that names none")
+    safety_checker: bool = Field(
+        default=False, description="its images pass a safety checker (flagged ones are withheld)"
+    )
     alias_of: str | None = Field(
         default=None, description="set on an alias (TIUE_MODEL_ALIASES): the served model it names"
     )
@@ -71,6 +74,7 @@ def model_object(model: ServedModel, default: str, alias: str | None = None) -> 
         max_prompt_tokens=info.max_prompt_tokens,
         decoders=list(info.decoders),
         default_decoder=info.default_decoder,
+        safety_checker=info.safety_checker,
     )
 
 

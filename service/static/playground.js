@@ -182,7 +182,17 @@ function requestBody() {
   return body;
 }
 
+function withheld(item, index, count) {
+  const note = document.createElement("p");
+  note.className = "withheld";
+  note.textContent = `Image ${index + 1} of ${count} (seed ${item.seed}) was withheld: the safety checker flagged it.`;
+  const entry = document.createElement("li");
+  entry.append(note);
+  return entry;
+}
+
 function figure(item, index, count, format) {
+  if (item.b64_json === null) return withheld(item, index, count);
   const extension = format === "jpeg" ? "jpg" : format;
   const url = `data:image/${format};base64,${item.b64_json}`;
   const image = document.createElement("img");
