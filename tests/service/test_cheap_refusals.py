@@ -128,6 +128,5 @@ def test_once_ready_the_event_loop_yields_the_cpu_to_the_device_thread() -> None
             time.sleep(0.01)
         nice = thread_nice(process.pid)
     main = nice.pop(process.pid)  # the event loop's thread
-    assert main == 10 and nice and set(nice.values()) == {0}, (
-        nice
-    )  # the device thread (started before) kept 0
+    # The device thread, started before, kept 0 (threads started from the loop afterwards inherit 10).
+    assert main == 10 and 0 in nice.values(), nice
