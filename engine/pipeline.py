@@ -19,7 +19,7 @@ from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSizeError
 from engine.export.profiles import ModelDims
-from engine.loading import Components, load_configured
+from engine.loading import Components, check_config, load_configured
 from engine.types import (
     DEVICE_STAGES,
     BatchResult,
@@ -27,6 +27,7 @@ from engine.types import (
     GeneratedImage,
     GenerationRequest,
     ModelInfo,
+    Precision,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class TiUEPipeline:
             default_size=self.dims.default_size,
             decoders=decoders,
             default_decoder=config.decoder,
+            trained_sizes=components.card.trained_sizes or ((self.dims.default_size,) * 2,),
+            vocabulary=components.card.vocabulary,
         )
 
     # -- validation -----------------------------------------------------------------------------
@@ -270,6 +273,12 @@ def load_pipeline(
 ) -> TiUEPipeline:
     """Load the checkpoint named by `config` (or the embedded default) onto the chosen backend."""
     started = time.perf_counter()
+    check_config(config)
+    if config.precision is Precision.FP16 and torch.device(config.device).type == "cpu":
+        log.warning(
+            "precision fp16 on a CPU runs many times slower than fp32 (CPUs lack fast half-precision "
+            "kernels); use --precision fp32 (TIUE_PRECISION) there"
+        )
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     components = load_configured(config)

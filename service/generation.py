@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Message
 
+from engine.card import fit_warnings
 from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo
 from service.edge.caller import Caller
 from service.edge.logs import annotate, request_id
@@ -155,6 +156,7 @@ async def run_job(
     for request in requests:
         pipeline.validate(request)
     warnings = prompt_warnings(state, job.prompt, info, pipeline.count_tokens(job.prompt))
+    warnings += fit_warnings(info, job.prompt, job.width, job.height)
 
     timeout = state.settings.request_timeout_s
     deadline = caller.arrived + timeout
