@@ -1,0 +1,67 @@
+"""The shipped default model's card (distill.json) says what it was trained on, the engine reads it, and
+its tiny decoder's config loads without a warning into the same decoder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+from transformers import CLIPTokenizer
+
+from distill.domain import IMAGE_SIZE, WORDS
+from distill.ship import model_card
+from distill.tiny_decoder import drop_unexpected_config
+from engine.card import read_card
+from engine.loading import default_model_dir
+
+MODEL = default_model_dir()
+
+
+def test_the_card_names_the_training_size_and_every_caption_word() -> None:
+    card = json.loads((MODEL / "distill.json").read_text())
+    assert card == model_card(card["variant"])  # what `distill ship` writes today
+    read = read_card(MODEL)
+    assert read.trained_sizes == ((IMAGE_SIZE, IMAGE_SIZE),)
+    assert read.vocabulary == WORDS
+
+
+def test_each_vocabulary_word_is_one_token_of_the_shipped_tokenizer() -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL / "tokenizer", local_files_only=True)
+    for word in read_card(MODEL).vocabulary or ():
+        assert len(tokenizer(word).input_ids) == 3, word  # BOS, the word, EOS
+    assert len(tokenizer("star").input_ids) > 3  # a word outside it falls apart into bytes
+
+
+def test_the_tiny_decoder_loads_without_a_warning_and_decodes_as_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shipped = MODEL / "vae_tiny"
+    # The config as AutoencoderTiny.save_pretrained wrote it: with the key its loader warns about.
+    saved = tmp_path / "as_saved"
+    shutil.copytree(shipped, saved)
+    config = json.loads((saved / "config.json").read_text())
+    config["block_out_channels"] = config["decoder_block_out_channels"]
+    (saved / "config.json").write_text(json.dumps(config))
+
+    with caplog.at_level(logging.WARNING):
+        before = AutoencoderTiny.from_pretrained(saved, local_files_only=True).eval()
+    assert "block_out_channels" in caplog.text  # the warning users saw at every start
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        after = AutoencoderTiny.from_pretrained(shipped, local_files_only=True).eval()
+    assert caplog.text == ""
+    assert after.config.block_out_channels == before.config.block_out_channels  # set by the model itself
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(before.decode(latents).sample, after.decode(latents).sample)
+
+    drop_unexpected_config(saved / "config.json")  # what shipping does to a freshly trained decoder
+    assert json.loads((saved / "config.json").read_text()) == json.loads(
+        (shipped / "config.json").read_text()
+    )
