@@ -23,6 +23,8 @@ from fakes import FAKE_INFO, FakeEngine, pixel_value, wait_until
 from PIL import Image
 from test_uvicorn_e2e import uvicorn_serving
 
+from engine.card import read_card, unknown_words
+from engine.loading import default_model_dir
 from engine.types import Decoder
 
 try:
@@ -89,14 +91,17 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 # The decoded pixels of the first image on the page, through a canvas. A WebDriver script is not bound
 # by the page's CSP, but this reads nothing the page itself could not.
 READ_PIXELS = """
-const img = document.querySelector('#grid img');
+const img = document.querySelector('#history .grid img');
 const canvas = document.createElement('canvas');
 canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
 const context = canvas.getContext('2d');
 context.drawImage(img, 0, 0);
 return [img.naturalWidth, img.naturalHeight, Array.from(context.getImageData(0, 0, img.naturalWidth, img.naturalHeight).data)];
 """
-IMAGE_SHOWN = "const i = document.querySelector('#grid img'); return !!i && i.complete && i.naturalWidth > 0;"
+IMAGE_SHOWN = (
+    "const i = document.querySelector('#history .grid img'); return !!i && i.complete && i.naturalWidth > 0;"
+)
+RUNS_SHOWN = "return document.querySelectorAll('#history > .run').length;"
 UNLABELLED = """
 return Array.from(document.querySelectorAll('input, select, textarea'))
   .filter((el) => el.labels.length === 0 && !el.closest('[hidden]')).map((el) => el.id);
@@ -134,6 +139,8 @@ class Seen:
     console: list[str]
     phone_overflow: int
     screenshot: bytes
+    default_prompt: str
+    label: str
 
 
 def generate_on_the_page(driver: Any, url: str) -> Seen:
@@ -145,6 +152,8 @@ def generate_on_the_page(driver: Any, url: str) -> Seen:
     while len(tab_order) < 12 and "generate" not in tab_order:
         ActionChains(driver).send_keys(Keys.TAB).perform()
         tab_order.append(driver.switch_to.active_element.get_attribute("id"))
+    default_prompt = driver.find_element(By.ID, "prompt").get_attribute("value")
+    driver.find_element(By.ID, "prompt").clear()
     driver.find_element(By.ID, "prompt").send_keys(PROMPT)
     size = driver.find_element(By.ID, "size")
     size.send_keys(BAD_SIZE)
@@ -162,8 +171,10 @@ def generate_on_the_page(driver: Any, url: str) -> Seen:
     assert not driver.find_element(By.ID, "error").is_displayed()
     width, height, rgba = driver.execute_script(READ_PIXELS)
     screenshot = driver.get_screenshot_as_png()
-    ActionChains(driver).send_keys(Keys.TAB).perform()  # from the button just clicked, on to the results
-    tab_order.append(driver.switch_to.active_element.get_attribute("download"))
+    for _ in range(3):  # from the button just clicked, on to the results
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        active = driver.switch_to.active_element
+        tab_order.append(active.get_attribute("id") or active.get_attribute("download") or active.text)
 
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
     overflow = "return document.documentElement.scrollWidth - document.documentElement.clientWidth;"
@@ -173,9 +184,11 @@ def generate_on_the_page(driver: Any, url: str) -> Seen:
         error=error,
         natural_size=(width, height),
         pixels=np.array(rgba, np.uint8).reshape(height, width, 4)[..., :3],
-        caption=driver.find_element(By.CSS_SELECTOR, "#grid figcaption").text,
-        download=driver.find_element(By.CSS_SELECTOR, "#grid a[download]").get_attribute("download"),
-        timings=[term.text for term in driver.find_elements(By.CSS_SELECTOR, "#timings dt")],
+        caption=driver.find_element(By.CSS_SELECTOR, "#history .grid figcaption").text,
+        download=driver.find_element(By.CSS_SELECTOR, "#history .grid a[download]").get_attribute("download"),
+        timings=[term.text for term in driver.find_elements(By.CSS_SELECTOR, "#history .timings dt")],
+        default_prompt=default_prompt,
+        label=driver.find_element(By.CSS_SELECTOR, "#history .run-prompt").text,
         console=[entry["message"] for entry in driver.get_log("browser")],
         phone_overflow=driver.execute_script(overflow),
         screenshot=screenshot,
@@ -208,6 +221,8 @@ async def test_the_playground_generates_in_a_real_browser(
         "seed-random",
         "format",
         "generate",
+        "clear-history",
+        f"seed {SEED}",
         f"tiue-{SEED}.png",
     ]
 
@@ -221,6 +236,10 @@ async def test_the_playground_generates_in_a_real_browser(
     assert (seen.pixels == expected).all()
     assert (seen.pixels == pixel_value(SEED)).all()
     assert f"seed {SEED}" in seen.caption and seen.download == f"tiue-{SEED}.png"
+    assert seen.label == PROMPT  # the result says what it was asked for
+    assert seen.default_prompt and not unknown_words(
+        seen.default_prompt, read_card(default_model_dir()).vocabulary
+    )
     assert {"denoise", "total"} <= set(seen.timings), seen.timings
 
     assert seen.phone_overflow <= 0, f"{seen.phone_overflow} px of horizontal scroll at phone width"
@@ -228,6 +247,7 @@ async def test_the_playground_generates_in_a_real_browser(
 
 def ask_without_then_with_a_key(driver: Any, url: str) -> tuple[str, str | None, bool]:
     wait = open_page(driver, url)
+    driver.find_element(By.ID, "prompt").clear()
     driver.find_element(By.ID, "prompt").send_keys(PROMPT)
     ctrl_enter(driver)
     refused = error_shown(driver, wait)
@@ -245,6 +265,7 @@ def ask_without_then_with_a_key(driver: Any, url: str) -> tuple[str, str | None,
 
 
 def refused_when_the_queue_is_full(driver: Any) -> str:
+    driver.find_element(By.ID, "prompt").clear()
     driver.find_element(By.ID, "prompt").send_keys(PROMPT)
     driver.find_element(By.ID, "generate").click()
     return error_shown(driver, WebDriverWait(driver, WAIT_S))
@@ -283,11 +304,12 @@ def pick_the_tiny_decoder(driver: Any, url: str) -> tuple[list[str], str, str]:
     select = Select(driver.find_element(By.ID, "decoder"))
     offered, preselected = [o.get_attribute("value") for o in select.options], select.first_selected_option
     chosen = preselected.get_attribute("value")
+    driver.find_element(By.ID, "prompt").clear()
     driver.find_element(By.ID, "prompt").send_keys(PROMPT)
     select.select_by_value("tiny")
     ctrl_enter(driver)
     wait.until(lambda d: d.execute_script(IMAGE_SHOWN))
-    return offered, chosen, driver.find_element(By.ID, "results-title").text
+    return offered, chosen, driver.find_element(By.CSS_SELECTOR, "#history .run-meta").text
 
 
 async def test_the_playground_offers_the_decoders_a_model_has(browser: Any) -> None:
@@ -296,5 +318,5 @@ async def test_the_playground_offers_the_decoders_a_model_has(browser: Any) -> N
     async with uvicorn_serving(engine) as (url, _):
         offered, preselected, title = await asyncio.to_thread(pick_the_tiny_decoder, browser, url)
     assert offered == ["full", "tiny"] and preselected == "full"
-    assert title.endswith("tiny decoder"), title
+    assert "tiny decoder" in title, title
     assert [r.decoder for r in engine.batches[-1]] == [Decoder.TINY]
