@@ -366,13 +366,12 @@ function showHistory() {
   $("results").hidden = runs.length === 0;
 }
 
+/** The new run on top; the page then shows what a reload would (what storage kept), except that the new
+ * run keeps its images on the page even when storage could not. */
 function addRun(run) {
-  runs = [run, ...runs];
-  saveHistory(runs);
-  runs = runs.slice(0, MAX_RUNS); // the page shows no more than storage may keep
-  $("history").prepend(runEntry(run));
-  while ($("history").children.length > runs.length) $("history").lastElementChild.remove();
-  $("results").hidden = false;
+  const kept = saveHistory([run, ...runs]);
+  runs = [run, ...kept.slice(kept.length && kept[0].created === run.created ? 1 : 0)];
+  showHistory();
 }
 
 function clearHistory() {
