@@ -53,5 +53,7 @@ async def script() -> Response:
 async def favicon() -> Response:
     """Browsers ask for it on every page of the origin; an answer, not a 404 in the log."""
     return Response(
-        _asset("favicon.ico"), media_type="image/vnd.microsoft.icon", headers={"Cache-Control": "max-age=86400"}
+        _asset("favicon.ico"),
+        media_type="image/vnd.microsoft.icon",
+        headers={"Cache-Control": "max-age=86400"},
     )
