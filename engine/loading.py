@@ -255,6 +255,7 @@ def load_components(
 
 def load_configured(config: EngineConfig) -> Components:
     """The components `config` names, its tiny decoder required when it is the server's default."""
+    check_config(config)
     return load_components(
         config.model_dir,
         config.precision.torch_dtype,

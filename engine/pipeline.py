@@ -19,7 +19,7 @@ from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSizeError
 from engine.export.profiles import ModelDims
-from engine.loading import Components, check_config, load_configured
+from engine.loading import Components, load_configured
 from engine.types import (
     DEVICE_STAGES,
     BatchResult,
@@ -273,8 +273,7 @@ def load_pipeline(
 ) -> TiUEPipeline:
     """Load the checkpoint named by `config` (or the embedded default) onto the chosen backend."""
     started = time.perf_counter()
-    check_config(config)
-    if config.precision is Precision.FP16 and torch.device(config.device).type == "cpu":
+    if config.precision is Precision.FP16 and config.device.split(":")[0] == "cpu":
         log.warning(
             "precision fp16 on a CPU runs many times slower than fp32 (CPUs lack fast half-precision "
             "kernels); use --precision fp32 (TIUE_PRECISION) there"
