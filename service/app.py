@@ -11,20 +11,27 @@ from dataclasses import replace
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from engine.config import EngineConfig
 from engine.errors import EngineError
 from service.edge.caller import ClientMiddleware
-from service.edge.middleware import BodyLimitMiddleware, InFlightMiddleware, RequestMetricsMiddleware
+from service.edge.middleware import (
+    BodyLimitMiddleware,
+    InFlightMiddleware,
+    RequestMetricsMiddleware,
+    cors_options,
+)
 from service.edge.openapi import install_openapi
 from service.edge.paths import RoutePaths
 from service.errors import ServiceError, error_response
 from service.models import ModelSpec
 from service.protocol import Pipeline, PipelineFactory
-from service.routes import health, images, models, playground
+from service.routes import docs, health, images, models, playground
 from service.settings import Settings
 from service.state import ServiceState
+from service.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +70,14 @@ def create_app(
     pipeline_factory: PipelineFactory | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
     pipeline_factories: Mapping[str, PipelineFactory] | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """Build the app. `pipeline_factory` (one model, named by its info) or `pipeline_factories` (name →
-    factory) replace the engine (tests, benchmarks); `on_fatal` hears a failed load."""
+    factory) replace the engine (tests, benchmarks); `on_fatal` hears a failed load; `tracing` replaces
+    the tracer `OTEL_*` configures (tests)."""
     settings = settings or Settings()
-    state = ServiceState(settings, on_fatal=on_fatal)
+    tracing = tracing or Tracing.from_env()
+    state = ServiceState(settings, on_fatal=on_fatal, tracing=tracing)
     specs = model_specs(settings, pipeline_factory, pipeline_factories)
 
     @asynccontextmanager
@@ -81,18 +91,21 @@ def create_app(
                 with suppress(asyncio.CancelledError):
                     await loading
             await state.shutdown()
+            tracing.shutdown()
 
     app = FastAPI(
         title="tiue-serve",
         summary="Text-to-image generation with TiUE-distilled diffusion models, micro-batched.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served from packaged assets by service.routes.docs, or not at all
+        redoc_url=None,
     )
     app.state.tiue = state
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(models.router)
-    pages = [playground.router] if settings.playground else []
+    pages = [*([playground.router] if settings.playground else []), *([docs.router] if settings.docs else [])]
     for router in pages:
         app.include_router(router)
     install_openapi(app, settings)
@@ -120,6 +133,10 @@ def create_app(
     )
     keyed = RoutePaths.of(images.router, models.router)  # behind the API key, when keys are set
     app.add_middleware(ClientMiddleware, api_keys=state.api_keys, metrics=state.metrics, paths=keyed)
+    if settings.cors_origins:  # outside auth and the body limit: a preflight carries neither key nor body
+        app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
     probes = frozenset(getattr(route, "path", "") for route in health.router.routes)
-    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, routes=routes, quiet=probes)
+    app.add_middleware(
+        RequestMetricsMiddleware, metrics=state.metrics, routes=routes, quiet=probes, tracing=tracing
+    )
     return app

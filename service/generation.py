@@ -163,14 +163,21 @@ async def run_job(
     # The images must be made early enough to be encoded and sent within the timeout.
     device_deadline = deadline - min(ANSWER_MARGIN * timeout, 1.0)
     size = requests[0].shape_key
-    cost = state.admission.admit(
-        caller.client, size, job.n, device_deadline, info.size_multiple, cost_model=model.cost
-    )
+    with state.tracing.span("admission", images=job.n):
+        cost = state.admission.admit(
+            caller.client, size, job.n, device_deadline, info.size_multiple, cost_model=model.cost
+        )
     seeds = [request.seed for request in requests]
     annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
     key = BatchKey(model.name, job.width, job.height, decoder)
     futures = state.batcher.submit(
-        key, requests, device_deadline, client=caller.client, request_id=request_id() or "", cost_s=cost
+        key,
+        requests,
+        device_deadline,
+        client=caller.client,
+        request_id=request_id() or "",
+        cost_s=cost,
+        trace=state.tracing.current(),
     )
     try:
         results = await _unless_gone(
@@ -189,7 +196,8 @@ async def run_job(
 
     encode_started = time.perf_counter()
     pixels = [image for result in results for image in result.images]
-    encoded = await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64)) for p in pixels))
+    with state.tracing.span("image_encode", images=len(pixels), format=job.output_format):
+        encoded = await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64)) for p in pixels))
     encode_s = time.perf_counter() - encode_started
     for _data, seconds in encoded:
         state.metrics.stage_duration.labels(stage=IMAGE_ENCODE, model=model.name).observe(seconds)

@@ -7,13 +7,14 @@ a dear one costs, nor the other way round.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from engine.types import ModelInfo
 from service.errors import ModelNotFound
 from service.protocol import Pipeline, PipelineFactory
 from service.scheduling.cost import CostModel
+from service.settings import check_alias
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ class ServedModel:
 class Models:
     """Name → served model, in the configured order; filled by `ServiceState.load`, read by the routes."""
 
-    def __init__(self, default: str | None = None):
+    def __init__(self, default: str | None = None, aliases: Mapping[str, str] | None = None):
         self._by_name: dict[str, ServedModel] = {}
         self._default = default  # None: the first model added
+        self.aliases = dict(aliases or {})  # alias -> the served model it names (TIUE_MODEL_ALIASES)
 
     def add(self, model: ServedModel) -> None:
         if model.name in self._by_name:
@@ -60,11 +62,16 @@ class Models:
 
     def get(self, name: str | None) -> ServedModel:
         """The model called `name` (None: the default); 404 model_not_found, listing the served names."""
-        wanted = self.default if name is None else name
+        wanted = self.default if name is None else self.aliases.get(name, name)
         model = self._by_name.get(wanted)
         if model is None:
-            raise ModelNotFound(wanted, self.names)
+            raise ModelNotFound(wanted, self.names + list(self.aliases))
         return model
+
+    def check_aliases(self) -> None:
+        """Once every model is loaded: each alias names one of them (ValueError in one line if not)."""
+        for alias, target in self.aliases.items():
+            check_alias(alias, target, self.names)
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._by_name.values())

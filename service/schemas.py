@@ -69,9 +69,10 @@ class GenerateRequest(BaseModel):
 
 
 class OpenAIImageRequest(BaseModel):
-    """`POST /v1/images/generations`, OpenAI's images API. Fields this server does not use are ignored."""
+    """`POST /v1/images/generations`, OpenAI's images API. Fields this server does not use are accepted,
+    and named in the answer's `warnings` (service.compat)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     prompt: StrictStr
     n: Annotated[StrictInt, Field(ge=1)] | None = 1
@@ -86,8 +87,8 @@ class OpenAIImageRequest(BaseModel):
     quality: StrictStr | None = Field(
         default=None, description='"low": the tiny decoder when the model has one; other values: ignored'
     )
-    style: StrictStr | None = Field(default=None, description="ignored")
-    user: StrictStr | None = Field(default=None, description="ignored")
+    style: StrictStr | None = Field(default=None, description="ignored (named in warnings)")
+    user: StrictStr | None = Field(default=None, description="ignored (named in warnings)")
     seed: Seed | None = Field(default=None, description="extension: image i gets seed + i (mod 2**32)")
 
     _prompt = field_validator("prompt")(_non_empty_prompt)
@@ -134,6 +135,10 @@ class OpenAIImagesResponse(BaseModel):
     data: list[ImageData]
     size: str
     output_format: OutputFormat
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="extension: what was not done as asked (parameters ignored, a prompt truncated)",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -61,6 +61,16 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def check_alias(alias: str, target: str, models: list[str]) -> None:
+    """An alias names a served model and is not itself one: ValueError in one line saying which."""
+    if alias in models:
+        raise ValueError(f"model_aliases: '{alias}' is the name of a served model, not an alias")
+    if target not in models:
+        raise ValueError(
+            f"model_aliases: '{alias}' names '{target}', which is not a served model ({', '.join(models)})"
+        )
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment; passed into `create_app`."""
 
@@ -212,6 +222,21 @@ class Settings(BaseSettings):
     log_format: LogFormat = LogFormat.TEXT  # json: one object per line, for log collectors
     playground: bool = Field(default=True, description="serve the browser playground at GET / (false: 404)")
 
+    # Browsers and tools written for other image APIs (docs/api.md, Browsers and tools).
+    docs: bool = Field(
+        default=True, description="serve the API docs at /docs, from packaged assets (false: 404)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins whose pages may call the API, comma-separated (https://app.example.com; *: any); "
+        "unset: none",
+    )
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="other names for served models, ALIAS=MODEL,... (gpt-image-1=default): requests and "
+        "/v1/models accept the alias",
+    )
+
     @field_validator("torch_compile", mode="before")
     @classmethod
     def _compile_mode(cls, value: Any) -> Any:
@@ -243,6 +268,38 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        aliases: dict[str, str] = {}
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            alias, sep, target = (text.strip() for text in entry.partition("="))
+            if not sep or not target:
+                raise ValueError(f"'{entry}' is not ALIAS=MODEL (e.g. gpt-image-1=default)")
+            if alias in aliases:
+                raise ValueError(f"the alias '{alias}' is given twice")
+            aliases[alias] = target
+        return aliases
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _alias_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for alias in value:
+            if not MODEL_NAME.fullmatch(alias):
+                raise ValueError(f"the alias '{alias}' is not 1-64 letters, digits, '.', '_' or '-'")
         return value
 
     @field_validator("models", mode="before")
@@ -308,6 +365,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_model '{self.default_model}' is not one of the models: {', '.join(self.models)}"
             )
+        if self.models:  # otherwise the one model's name is known once it is loaded (ServiceState.load)
+            for alias, target in self.model_aliases.items():
+                check_alias(alias, target, list(self.models))
         if self.queue_size < self.max_n:
             raise ValueError(
                 f"queue_size ({self.queue_size} images) is smaller than max_n ({self.max_n}): "

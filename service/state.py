@@ -19,6 +19,7 @@ from service.scheduling.admission import Admission
 from service.scheduling.batcher import MicroBatcher
 from service.scheduling.worker import DeviceWorker
 from service.settings import Settings
+from service.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,14 @@ class Phase(str, Enum):
 class ServiceState:
     """Built by `create_app`; started and stopped by its lifespan. One app serves one lifespan."""
 
-    def __init__(self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        tracing: Tracing | None = None,
+    ):
         self.settings = settings
+        self.tracing = tracing or Tracing()
         self.metrics = ServiceMetrics(settings.max_batch_size)
         self.api_keys = ApiKeys(key.get_secret_value() for key in settings.api_keys)
         self.batcher = MicroBatcher(
@@ -45,10 +52,10 @@ class ServiceState:
             capacity_images=settings.queue_size,
             early_close=True,
         )
-        self.models = Models(settings.default_model)
+        self.models = Models(settings.default_model, settings.model_aliases)
         self.model_phases: dict[str, Phase] = {}  # each configured model, by name, as it loads (for /readyz)
         self.admission = Admission(settings, self.batcher)
-        self.worker = DeviceWorker(self.batcher, self.metrics)
+        self.worker = DeviceWorker(self.batcher, self.metrics, self.tracing)
         self.metrics.track_queue_depth(lambda: self.batcher.pending_images)
         self.phase = Phase.LOADING
         self.failure: str | None = None
@@ -116,17 +123,25 @@ class ServiceState:
         try:
             self.models.get(None)
         except ModelNotFound as exc:  # a default_model that names no model (known only once loaded)
-            self.phase = Phase.FAILED
-            self.failure = exc.message
-            logger.error("default_model: %s", exc.message)
-            if self._on_fatal is not None:
-                self._on_fatal(exc)
+            self._fail_start(f"default_model: {exc.message}", exc)
+            return
+        try:
+            self.models.check_aliases()
+        except ValueError as exc:  # an alias of a model that is not served (its name known only once loaded)
+            self._fail_start(str(exc), exc)
             return
         self.worker.start(self.models)
         self.phase = Phase.READY
         self.metrics.ready.set(1)
         self.ready.set()
         logger.info("ready in %.1f s: %s", time.perf_counter() - started, ", ".join(self.models.names))
+
+    def _fail_start(self, reason: str, exc: BaseException) -> None:
+        self.phase = Phase.FAILED
+        self.failure = reason
+        logger.error("%s", reason)
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
 
     async def _load_one(self, spec: ModelSpec) -> ServedModel:
         pipeline = await self.worker.call(spec.factory)

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,11 +16,13 @@ from service.edge.logs import RequestRecord, log_access, request_context
 from service.edge.paths import RoutePaths
 from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, error_response
 from service.metrics import ServiceMetrics
+from service.tracing import Tracing
 
 
 class RequestMetricsMiddleware:
-    """Outermost: gives each HTTP request its ID and log context, times it by route and status, answers a
-    plain 500 for anything unhandled, and writes the request's one access line, whatever became of it."""
+    """Outermost: gives each HTTP request its ID, log context and trace span (service.tracing), times it
+    by route and status, answers a plain 500 for anything unhandled, and writes the request's one access
+    line (with its trace ID), whatever became of it."""
 
     def __init__(
         self,
@@ -27,17 +30,25 @@ class RequestMetricsMiddleware:
         metrics: ServiceMetrics,
         routes: RoutePaths,
         quiet: frozenset[str] = frozenset(),
+        tracing: Tracing | None = None,
     ):
         self.app = app
         self.metrics = metrics
         self.routes = routes  # known paths; anything else is labelled "other" to bound cardinality
-        self.quiet = quiet  # probe and scrape paths: their access lines go out at debug
+        self.quiet = quiet  # probe and scrape paths: their access lines go out at debug, untraced
+        self.tracing = tracing or Tracing()
+        self._untraced = Tracing()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         record = _new_record(scope, self.routes)
+        route = self.routes.match(scope["path"]) or "other"
+        quiet = scope["path"] in self.quiet
+        trace = (self._untraced if quiet else self.tracing).start_request(scope, route)
+        if trace.trace_id is not None:
+            record.fields["trace_id"] = trace.trace_id
         id_header = (REQUEST_ID_HEADER, record.request_id.encode("ascii"))
         status = 499  # nginx's "client closed request": what we record if no answer was started
         response_started = False
@@ -58,12 +69,12 @@ class RequestMetricsMiddleware:
                     raise
                 await error_response(exc, self.metrics)(scope, receive, send_and_record)
             finally:
+                trace.finish(status)
                 duration = time.perf_counter() - record.started
-                route = self.routes.match(scope["path"]) or "other"
                 self.metrics.request_duration.labels(
                     route=route, status=str(status), model=record.model
                 ).observe(duration)
-                log_access(record, status, duration, quiet=scope["path"] in self.quiet)
+                log_access(record, status, duration, quiet=quiet)
 
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -190,3 +201,20 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+# CORS (TIUE_CORS_ORIGINS): what a page on an allowed origin may send and read. Bearer keys, not cookies,
+# so no credentials; the preflight is answered before auth and the body limit (service.app).
+CORS_HEADERS = ["Authorization", "Content-Type", "Accept", "X-Request-ID", "traceparent", "tracestate"]
+CORS_EXPOSED = ["X-Request-ID", "X-Warning", "X-Seed", "X-Model", "X-Decoder", "Retry-After", "Server-Timing"]
+
+
+def cors_options(origins: list[str]) -> dict[str, Any]:
+    """Starlette's CORSMiddleware arguments for `origins` ("*": any origin)."""
+    return {
+        "allow_origins": origins,
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": CORS_HEADERS,
+        "expose_headers": CORS_EXPOSED,
+        "max_age": 600,
+    }

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import Response
 
+from service.compat import compression_warnings, openai_warnings
 from service.deps import CallerDep, State
 from service.edge.auth import bearer_scheme
 from service.errors import NotAcceptable, UnsupportedMediaType
@@ -95,6 +96,7 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
         model, body.prompt, body.n, width, height, seed, output_format, body.output_compression, body.decoder
     )
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
+    output.warnings[:0] = compression_warnings(output_format, body.output_compression)
 
     headers = _headers(output)
     if preference.raw:
@@ -132,6 +134,7 @@ async def openai_generations(
     n = body.n or 1
     job = Job(model, body.prompt, n, width, height, seed, output_format, body.output_compression, decoder)
     output = await run_job(state, job, caller, request.receive, b64=True)
+    output.warnings[:0] = openai_warnings(body, model.info)
     response = OpenAIImagesResponse(
         created=int(time.time()),
         model=model.name,
@@ -139,5 +142,6 @@ async def openai_generations(
         data=_data(output),
         size=f"{width}x{height}",
         output_format=output_format,
+        warnings=output.warnings,
     )
     return Response(response.model_dump_json(), media_type="application/json", headers=_headers(output))

@@ -1,5 +1,8 @@
 """`GET /v1/models` and `GET /v1/models/{id}`: OpenAI's models API, plus what a client needs to ask well.
 
+An alias (TIUE_MODEL_ALIASES) is listed after the models as an entry of its own, with `alias_of` naming
+the model it stands for, so a tool that checks for `gpt-image-1` in the list finds it.
+
 Behind the API key when keys are set, as OpenAI's are (the model names are the server's own business).
 """
 
@@ -42,6 +45,9 @@ class ModelObject(BaseModel):
     vocabulary: list[str] | None = Field(
         description="the words the model was trained on (others get a warning); null: not known"
     )
+    alias_of: str | None = Field(
+        default=None, description="set on an alias (TIUE_MODEL_ALIASES): the served model it names"
+    )
 
 
 class ModelList(BaseModel):
@@ -54,12 +60,14 @@ router = APIRouter(tags=["models"], dependencies=[Security(bearer_scheme)])
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (401, 503)}
 
 
-def model_object(model: ServedModel, default: str) -> ModelObject:
+def model_object(model: ServedModel, default: str, alias: str | None = None) -> ModelObject:
+    """The model, or under `alias` the same model named by that alias (`alias_of` names the model)."""
     info = model.info
     return ModelObject(
-        id=model.name,
+        id=alias or model.name,
+        alias_of=model.name if alias else None,
         created=model.loaded_at,
-        default=model.name == default,
+        default=alias is None and model.name == default,
         native_size=f"{info.default_size}x{info.default_size}",
         size_multiple=info.size_multiple,
         steps=info.steps,
@@ -78,7 +86,9 @@ def model_object(model: ServedModel, default: str) -> ModelObject:
 async def list_models(state: State) -> ModelList:
     state.require_model(None)  # 503 until every model is loaded
     default = state.models.default
-    return ModelList(data=[model_object(model, default) for model in state.models])
+    models = state.models
+    aliases = [model_object(models.get(alias), default, alias) for alias in models.aliases]
+    return ModelList(data=[*(model_object(model, default) for model in models), *aliases])
 
 
 @router.get(
@@ -87,4 +97,5 @@ async def list_models(state: State) -> ModelList:
     responses={**_ERRORS, 404: {"model": ErrorResponse}},
 )
 async def retrieve_model(model_id: str, state: State) -> ModelObject:
-    return model_object(state.require_model(model_id), state.models.default)
+    alias = model_id if model_id in state.models.aliases else None
+    return model_object(state.require_model(model_id), state.models.default, alias)

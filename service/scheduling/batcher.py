@@ -80,6 +80,7 @@ class WorkItem:
     tag: float = 0.0  # fair-queue start tag
     released: bool = False  # no longer counted against the queue's capacity
     abandoned: bool = False  # its future is done; set on the event loop, read on the device thread
+    trace: object = None  # its request's span context, for the batch span's links (service.tracing)
 
     @property
     def images(self) -> int:
@@ -234,6 +235,7 @@ class MicroBatcher:
         client: str = "",
         request_id: str = "",
         cost_s: float = 0.0,
+        trace: object = None,
     ) -> list[asyncio.Future[ItemResult]]:
         """Admit all of `requests` or none (QueueFull / ShuttingDown), split into items of at most one batch.
 
@@ -260,6 +262,7 @@ class MicroBatcher:
             item = WorkItem(
                 key, chunk, loop.create_future(), now, deadline, ticket, client, request_id, item_cost, tag
             )
+            item.trace = trace
             tag += item_cost
             self._pending_images += item.images
             self._queued_s += item_cost

@@ -16,6 +16,7 @@ from service.errors import BatchFailed, DeadlineExceeded, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.models import Models, ServedModel
 from service.scheduling.batcher import Batch, BatcherClosed, BatchKey, ItemResult, MicroBatcher, WorkItem
+from service.tracing import BatchRecord, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class _Done:
     live: list[WorkItem]
     result: BatchResult | None
     seconds: float
+    started_ns: int = 0  # Unix nanoseconds: when the device call began (for its trace span)
 
 
 @dataclass
@@ -86,9 +88,10 @@ class _Run:
 class DeviceWorker:
     """Runs everything that touches the device (load, warmup, generate) on one thread, one call at a time."""
 
-    def __init__(self, batcher: MicroBatcher, metrics: ServiceMetrics):
+    def __init__(self, batcher: MicroBatcher, metrics: ServiceMetrics, tracing: Tracing | None = None):
         self._batcher = batcher
         self._metrics = metrics
+        self._tracing = tracing or Tracing()
         self._models = Models()
         self.busy_since: float | None = None  # monotonic start of the device call in progress
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiue-device")
@@ -171,6 +174,7 @@ class DeviceWorker:
         pipeline, cost, size = model.pipeline, model.cost, batch.size
         for item in batch.items:
             self._metrics.queue_wait.labels(model=model.name).observe(batch.formed_at - item.enqueued_at)
+            self._tracing.queue_wait(item.trace, item.enqueued_at, batch.formed_at, batch.id)
 
         def seconds_for(images: int) -> float:
             return cost.batch_seconds(size, images)
@@ -182,12 +186,15 @@ class DeviceWorker:
                 return _Done(live, None, 0.0)
             requests = [request for item in live for request in item.requests]
             self.busy_since = time.monotonic()
-            started = time.perf_counter()
+            started, started_ns = time.perf_counter(), time.time_ns()
             try:
                 result = pipeline.generate(requests)
+            except Exception as exc:
+                self._trace(batch, live, started_ns, time.perf_counter() - started, {}, exc)
+                raise
             finally:
                 self.busy_since = None
-            return _Done(live, result, time.perf_counter() - started)
+            return _Done(live, result, time.perf_counter() - started, started_ns)
 
         return _Run(batch, asyncio.get_running_loop().run_in_executor(self._executor, run))
 
@@ -256,6 +263,7 @@ class DeviceWorker:
             _request_ids(done.live),
             extra=_fields(batch, done.live, device_s=round(done.seconds, 4)),
         )
+        self._trace(batch, done.live, done.started_ns, done.seconds, result.timings)
         offset = 0
         now = time.monotonic()
         for item in done.live:
@@ -270,6 +278,21 @@ class DeviceWorker:
                     images, batch.id, len(requests), batch.formed_at - item.enqueued_at, result.timings
                 )
             )
+
+    def _trace(
+        self,
+        batch: Batch,
+        live: list[WorkItem],
+        started_ns: int,
+        seconds: float,
+        timings: dict[str, float],
+        error: BaseException | None = None,
+    ) -> None:
+        if not self._tracing.enabled:
+            return
+        attributes = _fields(batch, live)["fields"]
+        record = BatchRecord(started_ns, seconds, [item.trace for item in live], attributes, timings, error)
+        self._tracing.batch(record)
 
     @staticmethod
     def _fail(batch: Batch, make_error: Callable[[], BaseException]) -> None:
