@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -145,3 +147,31 @@ def test_unknown_words_and_untrained_sizes_are_warned_on_the_command_line(tmp_pa
     lines = result.stderr.splitlines()
     assert len(lines) == 2, result.stderr
     assert "does not know the words 'star'" in lines[0] and "trained at 64x64" in lines[1], lines
+
+
+@pytest.mark.slow  # serves the default model
+def test_a_normal_serve_start_prints_log_lines_only() -> None:
+    port = free_port()
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "TIUE_THREADS": "1", "TIUE_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"], env=environ, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    lines = stderr.splitlines()
+    assert any("ready in" in line for line in lines), stderr
+    # Every line is a log line at INFO: no tqdm bar ("Loading weights … it/s"), no library warning.
+    assert all(re.match(r"^\S+ \S+ INFO ", line) for line in lines), stderr
