@@ -269,6 +269,7 @@ def child(spec: dict[str, Any]) -> int:
         compile_cache_dir=Path(spec["cache"]),
         max_batch_size=max(batches),
         warm_batch_sizes=tuple(batches),
+        prompt_cache_size=0,  # the text encoder's time is measured, not skipped
     )
     kinds = ([TIUE] if spec["tiue"] else []) + ([LOOPED] if spec["looped"] else [])
     for kind in kinds:

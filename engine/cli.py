@@ -5,6 +5,7 @@ The command line itself (flags, TIUE_* settings) is service.cli's; this is what 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import sys
@@ -54,8 +55,10 @@ def generate_image(
     from engine.card import fit_warnings
     from engine.errors import EngineError
     from engine.pipeline import load_pipeline
-    from engine.types import GenerationRequest
+    from engine.types import GenerationRequest, TorchCompile
 
+    if config.torch_compile is TorchCompile.AUTO:  # one image: compiling would cost minutes to save ms
+        config = dataclasses.replace(config, torch_compile=TorchCompile.OFF)
     try:
         started = time.perf_counter()
         pipeline = load_pipeline(config)

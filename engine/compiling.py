@@ -39,8 +39,9 @@ def cache_dir(config: EngineConfig) -> Path:
 
 def warm_passes(mode: TorchCompile) -> int:
     """Calls per bucket at warm-up: CUDA graph trees run a shape eagerly once, record it on the second
-    call and replay from the third, so reduce-overhead needs three for requests to meet replays only."""
-    return 3 if mode is TorchCompile.REDUCE_OVERHEAD else 1
+    call and replay from the third, so reduce-overhead needs three for requests to meet replays only;
+    built packages capture their graph on the first call (engine.cuda_graphs) and replay on the second."""
+    return {TorchCompile.REDUCE_OVERHEAD: 3, TorchCompile.AOT: 2}.get(mode, 1)
 
 
 def prepare(config: EngineConfig) -> None:
@@ -70,7 +71,7 @@ def serving(config: EngineConfig, frozen: bool) -> Iterator[None]:
     """Around one batch: a new CUDA-graph step begins (the previous batch's outputs are no longer read);
     once `frozen` (warmed), a shape that was not warmed runs eagerly rather than compiling on a
     request's time."""
-    if config.torch_compile is TorchCompile.REDUCE_OVERHEAD and hasattr(
+    if config.compile_mode is TorchCompile.REDUCE_OVERHEAD and hasattr(
         torch.compiler, "cudagraph_mark_step_begin"
     ):
         torch.compiler.cudagraph_mark_step_begin()
@@ -79,6 +80,20 @@ def serving(config: EngineConfig, frozen: bool) -> Iterator[None]:
         return
     with torch.compiler.set_stance("eager_on_recompile"):
         yield
+
+
+def after_text_encoder(config: EngineConfig, states: torch.Tensor) -> torch.Tensor:
+    """Under CUDA graph trees, the text encoder and the denoiser+decoders are separate trees' roots: the
+    states are copied out of the text encoder's graph and a new step begins. Otherwise a batch whose
+    prompts the cache held (no text encoder), or missed only in part (a smaller bucket), would follow a
+    path through the tree that the warm-up never recorded, and record one on a request's time."""
+    if config.compile_mode is not TorchCompile.REDUCE_OVERHEAD or not hasattr(
+        torch.compiler, "cudagraph_mark_step_begin"
+    ):
+        return states
+    states = states.clone()
+    torch.compiler.cudagraph_mark_step_begin()
+    return states
 
 
 def save(config: EngineConfig) -> None:

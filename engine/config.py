@@ -19,7 +19,7 @@ class EngineConfig:
     steps: int = 4
     engine_dir: Path | None = None  # cache of compiled artefacts (ONNX graphs, TensorRT engines)
     build_engines: bool = False  # compiled backends: build a missing engine at load instead of failing
-    torch_compile: TorchCompile = TorchCompile.OFF  # torch backend: compile each warmed bucket statically
+    torch_compile: TorchCompile = TorchCompile.AUTO  # torch backend: see compile_mode
     compile_cache_dir: Path | None = None  # inductor/Triton caches; None: the cache root's compile/
     warm_batch_sizes: tuple[int, ...] = ()  # compiled batch buckets; (): powers of two and the maximum
     warm_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) warmed; (): the native size
@@ -27,6 +27,7 @@ class EngineConfig:
     threads: int = 0  # CPU intra-op threads for torch and onnxruntime; 0 keeps the library default
     decoder: Decoder = Decoder.FULL  # the decoder of requests that name none
     tiny_decoder_dir: Path | None = None  # an AutoencoderTiny folder; None: <model>/vae_tiny when present
+    prompt_cache_size: int = 1024  # text encoder outputs kept, LRU by token ids (engine.prompt_cache); 0: off
 
     def __post_init__(self) -> None:
         if isinstance(self.torch_compile, bool):  # the old boolean: true is the default mode
@@ -34,17 +35,34 @@ class EngineConfig:
             object.__setattr__(self, "torch_compile", mode)
 
     @property
+    def on_cuda(self) -> bool:
+        return self.device.split(":")[0].strip().lower() == "cuda"
+
+    @property
+    def compile_mode(self) -> TorchCompile:
+        """What `torch_compile` means on this device: auto is CUDA graphs (reduce-overhead) on CUDA and off
+        on the CPU. aot stays aot: whether built packages are found is decided at load
+        (engine.export.torch_aot.resolve), which also makes auto on CUDA prefer them."""
+        if self.torch_compile is TorchCompile.AUTO:
+            return TorchCompile.REDUCE_OVERHEAD if self.on_cuda else TorchCompile.OFF
+        return self.torch_compile
+
+    @property
     def compiles(self) -> bool:
         """The torch backend compiles with static shapes: batches run padded to `batch_buckets()`."""
-        return BackendName(self.backend) is BackendName.TORCH and self.torch_compile is not TorchCompile.OFF
+        return BackendName(self.backend) is BackendName.TORCH and self.compile_mode is not TorchCompile.OFF
 
     def batch_buckets(self) -> tuple[int, ...]:
         """The batch sizes compiled at warm-up, ascending (empty when nothing compiles); a batch runs padded
-        up to the next one, so no request meets a shape that was not compiled. Default: the powers of two
-        below max_batch_size, and max_batch_size."""
+        up to the next one, so no request meets a shape that was not compiled. Default: on CUDA 1, 2, 4, 8
+        and 16 (what a GPU serves well), elsewhere the powers of two below max_batch_size; and
+        max_batch_size."""
         if not self.compiles:
             return ()
-        sizes = set(self.warm_batch_sizes) or {2**i for i in range(16) if 2**i < self.max_batch_size}
+        top = 16 if self.on_cuda else self.max_batch_size - 1
+        sizes = set(self.warm_batch_sizes) or {
+            2**i for i in range(16) if 2**i < self.max_batch_size and 2**i <= top
+        }
         outside = sorted(b for b in sizes if not 1 <= b <= self.max_batch_size)
         if outside:
             raise ValueError(

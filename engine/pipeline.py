@@ -17,9 +17,11 @@ import torch
 from engine import compiling
 from engine.backends import Backend, create_backend
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedSizeError
+from engine.errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, UnsupportedSizeError
+from engine.export import torch_aot
 from engine.export.profiles import ModelDims
 from engine.loading import Components, load_configured
+from engine.prompt_cache import PromptCache
 from engine.types import (
     DEVICE_STAGES,
     BatchResult,
@@ -28,6 +30,7 @@ from engine.types import (
     GenerationRequest,
     ModelInfo,
     Precision,
+    TorchCompile,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ class TiUEPipeline:
         if config.decoder not in decoders:
             raise ModelLoadError(f"decoder {config.decoder.value} is not loaded; loaded: {_names(decoders)}")
         self._warmed = False  # set by warmup(): from then on a compiled pipeline compiles nothing more
+        self.prompt_cache = PromptCache(config.prompt_cache_size)
+        self._warming = False  # warm-up encodes every bucket's batch, bypassing the prompt cache
         self.info = ModelInfo(
             name=components.name,
             backend=backend.name,
@@ -116,8 +121,10 @@ class TiUEPipeline:
     def _padded(self, requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
         """Compiled: the batch filled up to the next compiled bucket with copies of its last request (their
         images are dropped), so that it runs a shape compiled at warm-up."""
-        bucket = next((b for b in self.config.batch_buckets() if b >= len(requests)), len(requests))
-        return [*requests, *[requests[-1]] * (bucket - len(requests))]
+        return [*requests, *[requests[-1]] * (self._bucket(len(requests)) - len(requests))]
+
+    def _bucket(self, batch: int) -> int:
+        return next((b for b in self.config.batch_buckets() if b >= batch), batch)
 
     def _compile_scope(self) -> AbstractContextManager[None]:
         """Once warmed, a compiled pipeline compiles nothing more (an unwarmed size runs eagerly)."""
@@ -129,7 +136,11 @@ class TiUEPipeline:
         text_encode, denoise, vae_decode = DEVICE_STAGES
         with self._timed(text_encode, timings):
             ids = self.tokenize([r.prompt for r in requests])
-            states = self.backend.encode_text(ids)
+            if self._warming:
+                states = self._encode_text(ids)
+            else:
+                states = self.prompt_cache.encode(ids, self._encode_text)
+            states = compiling.after_text_encoder(self.config, states)
         with self._timed(denoise, timings):
             z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
             z_0 = self.backend.denoise(to_device(z_t, self.backend.device).to(self.backend.dtype), states)
@@ -141,6 +152,13 @@ class TiUEPipeline:
         return BatchResult(
             [GeneratedImage(p, r.seed) for p, r in zip(pixels, requests, strict=True)], timings
         )
+
+    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder on a batch padded to its bucket (the prompts the cache missed may be fewer
+        than the batch), so that it too runs a shape compiled at warm-up."""
+        rows = ids.shape[0]
+        padded = torch.cat([ids, ids[-1:].expand(self._bucket(rows) - rows, -1)])
+        return self.backend.encode_text(padded)[:rows]
 
     def decoder_of(self, request: GenerationRequest) -> Decoder:
         return request.decoder or self.info.default_decoder
@@ -179,16 +197,21 @@ class TiUEPipeline:
         batches = tuple(batch_sizes or self.config.batch_buckets() or (1,))
         native = self.info.default_size
         wanted = [self._warm_size(w, h) for w, h in (sizes or self.config.warm_sizes or [(native, native)])]
-        passes = compiling.warm_passes(self.config.torch_compile) if self.config.compiles else 1
+        passes = compiling.warm_passes(self.config.compile_mode) if self.config.compiles else 1
         started = time.perf_counter()
-        for width, height in wanted:
-            for decoder in self.info.decoders:
-                for batch in batches:
-                    requests = [
-                        GenerationRequest("warm up", s, width, height, decoder=decoder) for s in range(batch)
-                    ]
-                    for _ in range(passes):
-                        self.generate(requests)
+        self._warming = True
+        try:
+            for width, height in wanted:
+                for decoder in self.info.decoders:
+                    for batch in batches:
+                        requests = [
+                            GenerationRequest("warm up", s, width, height, decoder=decoder)
+                            for s in range(batch)
+                        ]
+                        for _ in range(passes):
+                            self.generate(requests)
+        finally:
+            self._warming = False
         if self.config.compiles and not self._warmed:
             compiling.save(self.config)
         self._warmed = True
@@ -281,7 +304,14 @@ def load_pipeline(
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     components = load_configured(config)
-    backend = backend_factory(components, config)
+    config = torch_aot.resolve(components, config)  # auto/aot: built packages when usable, else compile
+    try:
+        backend = backend_factory(components, config)
+    except BackendUnavailableError as exc:
+        if config.torch_compile is not TorchCompile.AOT:
+            raise
+        config = torch_aot.fall_back(config, str(exc))  # packages that do not load: as without them
+        backend = backend_factory(components, config)
     pipeline = TiUEPipeline(components, backend, config)
     log.info(
         "loaded model %s from %s on %s/%s/%s in %.1fs (timesteps %s, %s)",

@@ -30,12 +30,15 @@ class BackendName(str, Enum):
 
 
 class TorchCompile(str, Enum):
-    """How the torch backend compiles: not at all, with inductor, or with inductor and CUDA graphs."""
+    """How the torch backend compiles: not at all, with inductor, with inductor and CUDA graphs, or from
+    AOTInductor packages built ahead of time (`tiue build-engines --backend torch`)."""
 
+    AUTO = "auto"  # CUDA: built packages when found, else reduce-overhead; the CPU: off
     OFF = "off"
     DEFAULT = "default"
     MAX_AUTOTUNE = "max-autotune"  # longer compiles, autotuned kernels
     REDUCE_OVERHEAD = "reduce-overhead"  # CUDA graphs: one launch per stage (a GPU only)
+    AOT = "aot"  # built packages (CUDA graphs captured at load on a GPU); none usable: as auto without them
 
 
 class Decoder(str, Enum):

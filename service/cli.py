@@ -35,6 +35,8 @@ BUILD_FIELDS = (
     "steps",
     "engine_dir",
     "max_batch_size",
+    "warm_batch_sizes",  # the torch backend builds what the server warms
+    "warm_sizes",
     *DECODER_FIELDS,
 )
 ENGINE_FIELDS = (
@@ -221,10 +223,12 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 def _add_build_engines(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build-engines",
-        help="build the compiled artefacts the service loads (TensorRT engines or ONNX graphs)",
+        help="build the compiled artefacts the service loads (TensorRT engines, ONNX graphs or AOTInductor packages)",
         description="For --backend tensorrt: export the ONNX graphs if needed and build TensorRT engines "
-        "from them for this GPU and TensorRT version; for --backend onnxruntime: export the graphs. Into "
-        "--engine-dir, where the server with the same settings finds them by their key.",
+        "from them for this GPU and TensorRT version; for --backend onnxruntime: export the graphs; for "
+        "--backend torch: AOTInductor packages of each stage at each warmed batch size and size, for this "
+        "device and torch version. Into --engine-dir, where the server with the same settings finds them "
+        "by their key.",
     )
     _add_profile_options(p)
     add_setting_flags(p, BUILD_FIELDS)

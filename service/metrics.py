@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from engine.types import DEVICE_STAGES, ModelInfo
 
@@ -121,6 +123,8 @@ class ServiceMetrics:
             "Connections closed because a request's headers took longer than TIUE_HEADER_TIMEOUT_S.",
             registry=r,
         )
+        self.prompt_cache = _PromptCacheCollector()
+        r.register(self.prompt_cache)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason, model=NO_MODEL)
         for reason in WASTE_REASONS:
@@ -140,11 +144,46 @@ class ServiceMetrics:
         for stage in STAGES:
             self.stage_duration.labels(stage=stage, model=name)
 
+    def track_prompt_cache(self, model: str, stats: Callable[[], tuple[int, int]]) -> None:
+        """A model's prompt-embedding cache: `stats()` gives its (hits, misses), read at each scrape."""
+        self.prompt_cache.models[model] = stats
+
     def track_queue_depth(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PromptCacheCollector(Collector):
+    """tiue_prompt_cache_{hits,misses}_total{model}: the engine counts (engine.prompt_cache), we export."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, Callable[[], tuple[int, int]]] = {}
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield from self._families()
+
+    def _families(self) -> Iterator[CounterMetricFamily]:
+        hits = CounterMetricFamily(
+            "tiue_prompt_cache_hits",
+            "Distinct prompts of a batch whose text-encoder output was cached.",
+            labels=["model"],
+        )
+        misses = CounterMetricFamily(
+            "tiue_prompt_cache_misses",
+            "Distinct prompts of a batch the text encoder ran for.",
+            labels=["model"],
+        )
+        for model, stats in self.models.items():
+            hit, miss = stats()
+            hits.add_metric([model], hit)
+            misses.add_metric([model], miss)
+        yield hits
+        yield misses
 
 
 def _batch_buckets(max_batch_size: int) -> list[int]:

@@ -99,9 +99,11 @@ class Settings(BaseSettings):
         default=False, description="compiled backends: build missing artefacts at load instead of refusing"
     )
     torch_compile: TorchCompile = Field(
-        default=TorchCompile.OFF,
-        description="torch backend: compile the denoiser and decoders for each warmed batch size and size "
-        "before the server is ready (reduce-overhead: CUDA graphs too; true/false: default/off)",
+        default=TorchCompile.AUTO,
+        description="torch backend: compile the text encoder, denoiser and decoders for each warmed batch "
+        "size and size before the server is ready (reduce-overhead: CUDA graphs too; aot: the AOTInductor "
+        "packages `tiue build-engines --backend torch` built; auto: on CUDA those packages when usable, else "
+        "reduce-overhead, on the CPU off; true/false: default/off)",
     )
     compile_cache_dir: Path | None = Field(
         default=None,
@@ -110,11 +112,17 @@ class Settings(BaseSettings):
     warm_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description="batch sizes compiled at warm-up, comma-separated; a batch runs padded to the next "
-        "(unset: powers of two below max_batch_size, and max_batch_size)",
+        "(unset: on CUDA 1, 2, 4, 8, 16 below max_batch_size, elsewhere the powers of two below it; and max_batch_size)",
     )
     warm_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="image sizes warmed (compiled) before ready, comma-separated WxH or N (unset: the native size)",
+    )
+    prompt_cache_size: int = Field(
+        default=1024,
+        ge=0,
+        description="prompts whose text-encoder output is kept (LRU by token ids; at SD size about 160 KB "
+        "each on the device); 0: off",
     )
     decoder: Decoder = Field(
         default=Decoder.FULL,
@@ -414,4 +422,5 @@ class Settings(BaseSettings):
             threads=self.threads,
             decoder=self.decoder,
             tiny_decoder_dir=self.tiny_decoder_dir,
+            prompt_cache_size=self.prompt_cache_size,
         )

@@ -120,6 +120,9 @@ class ServiceState:
             self.models.add(model)
             self.model_phases[model.name] = Phase.READY
             self.metrics.add_model(model.name, model.info)
+            cache = getattr(model.pipeline, "prompt_cache", None)  # engine pipelines have one; fakes need not
+            if cache is not None:
+                self.metrics.track_prompt_cache(model.name, cache.stats)
         try:
             self.models.get(None)
         except ModelNotFound as exc:  # a default_model that names no model (known only once loaded)

@@ -10,13 +10,24 @@ from engine.errors import BackendUnavailableError
 from engine.export.cache import Entry
 from engine.export.contracts import ComponentContract, contracts_for
 from engine.loading import Components
-from engine.types import BackendName
+from engine.types import BackendName, TorchCompile
 
 
 def backend_artefacts(components: Components, config: EngineConfig) -> Entry | None:
-    """None for torch (it runs the modules themselves); the cache entry for a compiled backend."""
+    """The cache entry a compiled backend runs; for torch its AOTInductor packages when the config runs
+    them (torch_compile aot, as engine.export.torch_aot.resolve leaves it when they are found), else None."""
     if config.backend is BackendName.TORCH:
-        return None
+        if config.torch_compile is not TorchCompile.AOT:
+            return None
+        from engine.export import torch_aot
+
+        entry, _, why = torch_aot.find(components, config)
+        if entry is None:
+            raise BackendUnavailableError(
+                f"no usable torch AOTInductor packages: {why}. Build them with `tiue build-engines "
+                "--backend torch` and the server's settings, or set TIUE_TORCH_COMPILE=auto"
+            )
+        return entry
     from engine.export.onnx_export import ensure_onnx
 
     if config.backend is BackendName.ONNXRUNTIME:

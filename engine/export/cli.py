@@ -70,10 +70,7 @@ def build_engines(config: EngineConfig, batch: Range | None, sizes: list[str] | 
 
     try:
         if config.backend is BackendName.TORCH:
-            raise ValueError(
-                "the torch backend runs the model as it is and needs no engines; "
-                "pass --backend tensorrt or --backend onnxruntime (or set TIUE_BACKEND)"
-            )
+            return _build_torch(config, batch, sizes)
         trt = config.backend is BackendName.TENSORRT
         target = tensorrt_target(config.device, build_without_gpu=True) if trt else None  # before any work
         components = _load(config)
@@ -89,4 +86,23 @@ def build_engines(config: EngineConfig, batch: Range | None, sizes: list[str] | 
         sys.stderr.write(f"tiue build-engines: {exc}\n")
         return 2 if isinstance(exc, ValueError) else 1
     _report(entry, "ready")
+    return 0
+
+
+def _build_torch(config: EngineConfig, batch: Range | None, sizes: list[str] | None) -> int:
+    """AOTInductor packages for each bucket and size the server warms (engine.export.torch_aot): the
+    server's own settings choose them, so that it finds them by the same key."""
+    if batch is not None or sizes:
+        raise ValueError(
+            "the torch backend builds the batch sizes and image sizes the server warms: set "
+            "--warm-batch-sizes/--max-batch-size and --warm-sizes (TIUE_*) as for `tiue serve`, not --batch/--sizes"
+        )
+    from engine.export import torch_aot
+
+    entry = torch_aot.build(_load(config), config)
+    files = sum(meta["bytes"] for meta in entry.files.values())
+    sys.stdout.write(
+        f"ready {entry.path}\n  {len(entry.files)} packages ({files / 1e6:.1f} MB): {', '.join(entry.files)}\n"
+        f"  for {entry.key.compute_capability}, torch {dict(entry.key.libraries)['torch']}\n"
+    )
     return 0

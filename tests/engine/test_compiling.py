@@ -37,7 +37,7 @@ def _req(seed: int, size: int = 64) -> GenerationRequest:
 def test_config_buckets_and_the_old_boolean() -> None:
     assert EngineConfig(torch_compile=True).torch_compile is TorchCompile.DEFAULT  # type: ignore[arg-type]
     assert EngineConfig(torch_compile=False).torch_compile is TorchCompile.OFF  # type: ignore[arg-type]
-    assert EngineConfig().batch_buckets() == ()
+    assert EngineConfig(torch_compile=TorchCompile.OFF).batch_buckets() == ()
     on = TorchCompile.DEFAULT
     assert EngineConfig(torch_compile=on, max_batch_size=8).batch_buckets() == (1, 2, 4, 8)
     assert EngineConfig(torch_compile=on, max_batch_size=6).batch_buckets() == (1, 2, 4, 6)
@@ -45,6 +45,32 @@ def test_config_buckets_and_the_old_boolean() -> None:
     assert EngineConfig(torch_compile=on, backend=BackendName.ONNXRUNTIME).batch_buckets() == ()
     with pytest.raises(ValueError, match="outside 1..max_batch_size"):
         EngineConfig(torch_compile=on, max_batch_size=4, warm_batch_sizes=(8,)).batch_buckets()
+
+
+def test_auto_is_cuda_graphs_on_cuda_and_off_on_the_cpu() -> None:
+    """The default: what each device serves fastest; explicit modes keep their meaning everywhere."""
+    assert EngineConfig().torch_compile is TorchCompile.AUTO
+    assert EngineConfig().compile_mode is TorchCompile.OFF and not EngineConfig().compiles
+    assert EngineConfig().batch_buckets() == ()
+    cuda = EngineConfig(device="cuda:1", max_batch_size=16)
+    assert cuda.compile_mode is TorchCompile.REDUCE_OVERHEAD and cuda.compiles
+    for mode in (TorchCompile.OFF, TorchCompile.DEFAULT, TorchCompile.AOT):
+        assert EngineConfig(device="cuda", torch_compile=mode).compile_mode is mode
+        assert EngineConfig(torch_compile=mode).compile_mode is mode
+
+
+def test_gpu_buckets_are_powers_of_two_up_to_16_and_the_maximum() -> None:
+    def buckets(device: str, top: int) -> tuple[int, ...]:
+        return EngineConfig(
+            device=device, torch_compile=TorchCompile.DEFAULT, max_batch_size=top
+        ).batch_buckets()
+
+    assert buckets("cuda", 16) == (1, 2, 4, 8, 16)
+    assert buckets("cuda", 6) == (1, 2, 4, 6)
+    assert buckets("cuda", 64) == (1, 2, 4, 8, 16, 64)
+    assert buckets("cpu", 64) == (1, 2, 4, 8, 16, 32, 64)  # as before
+    cuda = EngineConfig(device="cuda", max_batch_size=64, warm_batch_sizes=(3,))
+    assert cuda.batch_buckets() == (3, 64)
 
 
 def test_cuda_graphs_are_refused_on_the_cpu(tiny_model_dir: Path) -> None:
@@ -83,7 +109,7 @@ def eager(tiny_model_dir: Path) -> TiUEPipeline:
 @pytest.mark.slow  # compiles every bucket (~10 s)
 def test_warmup_compiles_each_bucket_and_nothing_after(compiled: TiUEPipeline) -> None:
     assert compiled.config.batch_buckets() == (1, 4)
-    assert compiled.warmed_graphs == 4  # type: ignore[attr-defined]  # denoiser and decoder, at 1 and at 4
+    assert compiled.warmed_graphs == 6  # type: ignore[attr-defined]  # text encoder, denoiser, decoder at 1 and 4
     before = _graphs()
     for batch in (1, 2, 3, 4, 1):
         compiled.generate([_req(s) for s in range(batch)])

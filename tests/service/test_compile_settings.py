@@ -22,6 +22,8 @@ from tests.service.fakes import FakeEngine, serve
         ("off", TorchCompile.OFF),
         ("Max-Autotune", TorchCompile.MAX_AUTOTUNE),
         ("reduce-overhead", TorchCompile.REDUCE_OVERHEAD),
+        ("auto", TorchCompile.AUTO),
+        ("AOT", TorchCompile.AOT),
     ],
 )
 def test_torch_compile_modes_and_the_old_booleans(
@@ -30,6 +32,16 @@ def test_torch_compile_modes_and_the_old_booleans(
     monkeypatch.setenv("TIUE_TORCH_COMPILE", value)
     assert Settings().torch_compile is mode
     assert Settings().engine_config().torch_compile is mode
+
+
+def test_auto_is_the_default_and_the_prompt_cache_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().torch_compile is TorchCompile.AUTO
+    assert Settings().engine_config().prompt_cache_size == 1024
+    monkeypatch.setenv("TIUE_PROMPT_CACHE_SIZE", "0")
+    assert Settings().engine_config().prompt_cache_size == 0
+    monkeypatch.setenv("TIUE_PROMPT_CACHE_SIZE", "-1")
+    with pytest.raises(ValidationError, match="prompt_cache_size"):
+        Settings()
 
 
 def test_an_unknown_mode_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:

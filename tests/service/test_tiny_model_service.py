@@ -76,6 +76,23 @@ async def test_real_model_reports_stage_timings(client: httpx.AsyncClient) -> No
     assert "tiue_ready 1.0" in metrics and 'tiue_model_info{backend="torch"' in metrics
 
 
+def _counter(metrics: str, name: str) -> float:
+    (line,) = [m for m in metrics.splitlines() if m.startswith(name + "{")]
+    return float(line.split()[-1])
+
+
+@module_loop
+async def test_a_repeated_prompt_is_a_prompt_cache_hit_in_metrics(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/metrics")).text
+    for _ in range(2):
+        response = await client.post("/generate", json={"prompt": "a pink heart on the left", "seed": 3})
+        assert response.status_code == 200
+    after = (await client.get("/metrics")).text
+    hits, misses = "tiue_prompt_cache_hits_total", "tiue_prompt_cache_misses_total"
+    assert _counter(after, misses) - _counter(before, misses) == 1
+    assert _counter(after, hits) - _counter(before, hits) == 1
+
+
 @module_loop
 async def test_raw_png_for_accept_image(client: httpx.AsyncClient) -> None:
     response = await client.post(
