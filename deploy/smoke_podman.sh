@@ -91,6 +91,21 @@ fail() {  # fail REASON [LOG]: name the step and the reason, show the log's last
   exit 1
 }
 
+CHECKS_PATH=""  # the wheelhouse's prometheus_client wheel (pure Python, imported from the zip), once downloaded
+run_checks() {  # run_checks ARGS...: deploy/smoke_checks.py URL ARGS... on the host's python3 (CI runs the same checks)
+  PYTHONPATH="$CHECKS_PATH" python3 "$REPO_ROOT/deploy/smoke_checks.py" "$URL" "$@"
+}
+checks() {  # checks COMMAND [ARGS...]: run_checks, its ok lines shown; its reason, and its log if longer, on failure
+  if run_checks "$@" > "$OUT/check.log" 2> "$OUT/check.err"; then
+    cat "$OUT/check.log"
+    return
+  fi
+  cat "$OUT/check.log"
+  local log=""
+  [[ $(wc -l < "$OUT/check.err") -le 1 ]] || log="$OUT/check.err"  # more than the reason: show it
+  fail "$(tail -n 1 "$OUT/check.err")" "$log"
+}
+
 on_error() {  # the ERR trap: no command fails silently, even one in a $(...)
   local rc=$1 line=$2 command=$3
   if [[ $BASH_SUBSHELL -gt 0 ]]; then exit "$rc"; fi  # the enclosing command reports it
@@ -192,6 +207,10 @@ WHEELS="$WORK_DIR/wheels-py$PY_VERSION"
 "$REPO_ROOT/deploy/download_wheels.sh" --python-version "$PY_VERSION" --torch-index-url "$TORCH_INDEX_URL" \
   "$WHEELS" > "$LOGS/wheels.log" 2>&1 || fail "deploy/download_wheels.sh failed" "$LOGS/wheels.log"
 grep -E '^(ok|note) ' "$LOGS/wheels.log"
+# The checks read /metrics with prometheus_client's parser, the very version the image serves with: from its
+# wheel, so the host's python3 needs nothing installed.
+CHECKS_PATH=$(compgen -G "$WHEELS/prometheus_client-*-py3-none-any.whl" | head -n 1) \
+  || fail "no prometheus_client wheel in $WHEELS" "$LOGS/wheels.log"
 
 step build "build $IMAGE (target cpu, RUN network: $BUILD_NETWORK, runtime $RUNTIME)"
 start=$(date +%s)
@@ -242,50 +261,10 @@ pm healthcheck run "$NAME" > "$LOGS/healthcheck.log" 2>&1 || fail "the image's H
 ok "HEALTHCHECK passes"
 
 step generate "POST /generate"
-code=$(curl -sS -m 120 -o "$OUT/image.png" -w '%{http_code} %{content_type}' -D "$OUT/headers" \
-  -H 'Content-Type: application/json' -H 'Accept: image/png' \
-  -d '{"prompt": "a red circle on a white background", "n": 1, "seed": 7}' "$URL/generate" 2>&1) \
-  || fail "curl: $code"
-[[ "$code" == "200 image/png" ]] || fail "raw PNG request answered '$code'" "$OUT/image.png"
-python3 - "$OUT/image.png" > "$OUT/check.log" 2>&1 <<'PY' || fail "the answer is not a PNG" "$OUT/check.log"
-import struct
-import sys
-
-data = open(sys.argv[1], "rb").read()
-assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
-width, height = struct.unpack(">II", data[16:24])
-print(f"ok   PNG {width}x{height}, {len(data)} bytes")
-PY
-cat "$OUT/check.log"
-seed=$(grep -i '^x-seed:' "$OUT/headers" | tr -d '\r' | cut -d' ' -f2 || true)
-[[ -z "$seed" ]] || ok "seed header: $seed"
-
-code=$(curl -sS -m 120 -o "$OUT/batch.json" -w '%{http_code}' -H 'Content-Type: application/json' \
-  -d '{"prompt": "a blue square", "n": 2, "seed": 11}' "$URL/generate" 2>&1) || fail "curl: $code"
-[[ "$code" == "200" ]] || fail "JSON request answered $code" "$OUT/batch.json"
-python3 - "$OUT/batch.json" > "$OUT/check.log" 2>&1 <<'PY' || fail "the JSON answer is wrong" "$OUT/check.log"
-import base64
-import json
-import sys
-
-body = json.load(open(sys.argv[1]))
-images = [base64.b64decode(item["b64_json"]) for item in body["data"]]
-assert len(images) == 2, len(images)
-assert all(image[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
-assert images[0] != images[1], "two seeds gave the same image"
-print(f"ok   JSON: 2 PNGs, seeds {[item.get('seed') for item in body['data']]}, timings {body.get('timings')}")
-PY
-cat "$OUT/check.log"
+checks generate
 
 step metrics "GET /metrics"
-curl -fsS -m 10 -o "$OUT/metrics.txt" "$URL/metrics" 2> "$OUT/curl.log" || fail "/metrics did not answer 200" "$OUT/curl.log"
-for family in tiue_request_duration_seconds_bucket tiue_queue_wait_seconds_bucket tiue_batch_size_images_bucket \
-              tiue_stage_duration_seconds_bucket tiue_images_generated_total tiue_queue_depth tiue_ready; do
-  grep -q "^$family" "$OUT/metrics.txt" || fail "/metrics has no $family"
-done
-images=$(awk '/^tiue_images_generated_total /{print int($2)}' "$OUT/metrics.txt")
-[[ "${images:-0}" -ge 3 ]] || fail "tiue_images_generated_total is '$images', expected >= 3"
-ok "metric families present; tiue_images_generated_total=$images; $(grep -E '^tiue_ready ' "$OUT/metrics.txt")"
+checks metrics --min-images 3
 
 if [[ $KEEP -eq 1 ]]; then
   printf '\nSMOKE PASSED in %d s (runtime %s); container %s left running on %s\n' \
@@ -293,20 +272,18 @@ if [[ $KEEP -eq 1 ]]; then
   exit 0
 fi
 
-step drain "SIGTERM with a request in flight: it is answered, then the process exits 0"
-curl -sS -m 120 -o "$OUT/drain.json" -w '%{http_code}' -H 'Content-Type: application/json' \
-  -d '{"prompt": "a green triangle", "n": 2, "seed": 3}' "$URL/generate" > "$OUT/drain.code" 2>&1 &
+step drain "SIGTERM with requests in flight: they are answered, then the process exits 0"
+rm -f "$OUT/in-flight"
+run_checks drain --in-flight-file "$OUT/in-flight" > "$OUT/drain.log" 2>&1 &
 drain_pid=$!
-deadline=$(( $(date +%s) + 20 ))
-until curl -fsS -m 2 "$URL/metrics" 2>/dev/null | grep -Eq '^tiue_in_flight_requests [1-9]'; do
-  (( $(date +%s) < deadline )) || fail "the request never showed as in flight"
-  sleep 0.2
+until [[ -e "$OUT/in-flight" ]]; do  # the checks' own deadline ends the wait if nothing shows in flight
+  kill -0 "$drain_pid" 2>/dev/null || { wait "$drain_pid" || true; fail "$(tail -n 1 "$OUT/drain.log")" "$OUT/drain.log"; }
+  sleep 0.05
 done
 start=$(date +%s)
 pm stop -t 45 "$NAME" > "$LOGS/stop.log" 2>&1 || fail "podman stop failed" "$LOGS/stop.log"
-wait "$drain_pid" || true
-[[ "$(cat "$OUT/drain.code")" == "200" ]] || fail "the in-flight request got '$(cat "$OUT/drain.code")' during shutdown"
-ok "the in-flight request was answered 200 during shutdown"
+wait "$drain_pid" || fail "$(tail -n 1 "$OUT/drain.log")" "$OUT/drain.log"
+cat "$OUT/drain.log"
 code=$(pm inspect --format '{{.State.ExitCode}}' "$NAME")
 [[ "$code" == "0" ]] || fail "exit code $code after SIGTERM"
 ok "exited 0, $(( $(date +%s) - start )) s after SIGTERM"

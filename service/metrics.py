@@ -68,6 +68,21 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("tiue_queue_depth", "Images waiting for the device.", registry=r)
+        # The limits the alert rules compare against (deploy/prometheus/alerts.yml): set once, from settings.
+        self.queue_capacity = Gauge(
+            "tiue_queue_capacity_images", "Images the queue holds (TIUE_QUEUE_SIZE); beyond, 429.", registry=r
+        )
+        self.request_timeout = Gauge(
+            "tiue_request_timeout_seconds",
+            "TIUE_REQUEST_TIMEOUT_S: a request not answered by then gets 504.",
+            registry=r,
+        )
+        self.device_busy = Counter(
+            "tiue_device_busy_seconds",
+            "Seconds the device thread spent running batches (failed ones too): its rate is the utilisation.",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "tiue_in_flight_requests",
             "Generation requests being handled (queued, running or encoding).",
@@ -137,12 +152,17 @@ class ServiceMetrics:
             model=name, backend=info.backend, precision=info.precision, device=info.device
         ).set(1)
         self.images_generated.labels(model=name)
+        self.device_busy.labels(model=name)
         self.queue_wait.labels(model=name)
         self.batch_size.labels(model=name)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason, model=name)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage, model=name)
+
+    def set_limits(self, queue_images: int, request_timeout_s: float) -> None:
+        self.queue_capacity.set(queue_images)
+        self.request_timeout.set(request_timeout_s)
 
     def track_prompt_cache(self, model: str, stats: Callable[[], tuple[int, int]]) -> None:
         """A model's prompt-embedding cache: `stats()` gives its (hits, misses), read at each scrape."""

@@ -57,6 +57,7 @@ class ServiceState:
         self.admission = Admission(settings, self.batcher)
         self.worker = DeviceWorker(self.batcher, self.metrics, self.tracing)
         self.metrics.track_queue_depth(lambda: self.batcher.pending_images)
+        self.metrics.set_limits(settings.queue_size, settings.request_timeout_s)
         self.phase = Phase.LOADING
         self.failure: str | None = None
         self.ready = asyncio.Event()  # set once every model is loaded and warmed; tests wait on it

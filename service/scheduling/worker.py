@@ -194,7 +194,9 @@ class DeviceWorker:
                 raise
             finally:
                 self.busy_since = None
-            return _Done(live, result, time.perf_counter() - started, started_ns)
+                seconds = time.perf_counter() - started
+                self._metrics.device_busy.labels(model=model.name).inc(seconds)
+            return _Done(live, result, seconds, started_ns)
 
         return _Run(batch, asyncio.get_running_loop().run_in_executor(self._executor, run))
 

@@ -28,19 +28,23 @@ MIN_KUBERNETES = "1.29.0"
 
 # Custom resources have no schema in kubernetes-validate; these are validated against our own
 # strict schemas instead (see schemas/*.json). A kind in neither place is an error, never a warning.
-CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json"}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
+}
 
 
-def tool(name: str) -> str:
-    """Path of a command-line tool from the dev extra: next to this Python first, then PATH.
+def tool(name: str, install: str = "pip install -e '.[dev]' provides it") -> str:
+    """Path of a command-line tool from the dev extra (or the test command's apt line): next to this
+    Python first, then PATH.
 
-    Missing tools skip the test on a developer machine but fail it in CI, where `.[dev]` is installed
+    Missing tools skip the test on a developer machine but fail it in CI, where they are installed
     and a skip would hide a check that silently stopped running.
     """
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found:
         return found
-    message = f"{name} is not installed: pip install -e '.[dev]' provides it"
+    message = f"{name} is not installed: {install}"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
@@ -137,3 +141,49 @@ def settings_env(objects: Iterable[dict[str, Any]]) -> dict[str, str]:
     ]
     assert len(config_maps) == 1, [object_id(o) for o in config_maps]
     return dict(config_maps[0]["data"])
+
+
+@cache
+def service_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (type, label names) of every metric service/metrics.py registers, read from its registry:
+    what dashboards and alert rules may use. A counter's name is without `_total`, as Prometheus' own
+    client names the family."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics(max_batch_size=8)
+    labels = {
+        metric.describe()[0].name: frozenset(metric._labelnames)  # the client keeps them only here
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+    }
+    return {
+        family.name: (family.type, labels.get(family.name, frozenset()))
+        for family in metrics.registry.collect()
+    }
+
+
+def service_series() -> set[str]:
+    """The series names those metrics are queried by (a histogram's _bucket, _sum and _count, a counter's _total)."""
+    names: set[str] = set()
+    for name, (kind, _) in service_metrics().items():
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            names.add(f"{name}_total" if kind == "counter" else name)
+    return names
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects; raises ValueError on a syntax error."""
+    promql = pytest.importorskip("promql_parser", reason="promql-parser is in the dev extra")
+    names: set[str] = set()
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql.VectorSelector) and node.name:
+            names.add(node.name)
+        return True
+
+    promql.walk(promql.parse(expr), visit)
+    return names

@@ -69,3 +69,13 @@ def test_settings_and_options_of_a_script_are_checked(checker: Checker) -> None:
     assert not problems("deploy/download_wheels.sh --python-version 3.11 wheels")
     assert problems("deploy/download_wheels.sh --python 3.11 wheels")
     assert problems("pip download -d wheels -r requirements.txt")  # the file the doc once named
+
+
+def test_every_command_in_the_models_doc_exists(checker: Checker) -> None:
+    """docs/models.md walks a user through `tiue generate`, `serve` and `build-engines`: the flags parse."""
+    text = (ROOT / "docs" / "models.md").read_text()
+    words = [word for _, block in code_blocks(text) for command in commands(block) for word in command]
+    for needed in ("huggingface-cli", "generate", "serve", "build-engines"):
+        assert needed in words, f"docs/models.md has no command with {needed}"
+    assert not checker.problems(text)
+    assert checker.problems(text.replace("--precision fp16", "--precission fp16", 1))

@@ -55,6 +55,7 @@ def test_overlay_has_every_part(rendered: dict[str, Objects], overlay: str) -> N
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "PrometheusRule",
     }
     if overlay == "gpu":
         expected |= {"Job", "PersistentVolumeClaim"}
@@ -273,6 +274,15 @@ def test_validation_fails_on_a_bad_servicemonitor(tmp_path: Path) -> None:
     copy2 = broken_copy(tmp_path / "2", "base/servicemonitor.yaml", "interval: 15s", "interval: 15 seconds")
     errors = validate_objects(render(copy2 / "overlays" / "cpu"), latest_kubernetes())
     assert any("ServiceMonitor" in e and "15 seconds" in e for e in errors), errors
+
+
+def test_validation_fails_on_a_bad_prometheusrule(tmp_path: Path) -> None:
+    copy = broken_copy(tmp_path, "base/prometheusrule.yaml", "for: 5m", "forr: 5m")
+    errors = validate_objects(render(copy / "overlays" / "cpu"), latest_kubernetes())
+    assert any("PrometheusRule/tiue-serve" in e and "forr" in e for e in errors), errors
+    copy2 = broken_copy(tmp_path / "2", "base/prometheusrule.yaml", "for: 2m", "for: two minutes")
+    errors = validate_objects(render(copy2 / "overlays" / "cpu"), latest_kubernetes())
+    assert any("PrometheusRule/tiue-serve" in e and "two minutes" in e for e in errors), errors
 
 
 def test_validation_fails_on_a_kind_without_schema() -> None:

@@ -84,7 +84,10 @@ def fake_smoke(tmp_path: Path, *arguments: str) -> tuple[int, str, str]:
     bin_dir.mkdir()
     (bin_dir / "podman").write_text(FAKE_PODMAN)
     (bin_dir / "podman").chmod(0o755)
-    (bin_dir / "python3").symlink_to(sys.executable)  # has pip, like the host python the docs install
+    # The test's Python (has pip and prometheus_client, like the host's the docs install); a wrapper, not a
+    # symlink, so that a virtualenv's Python keeps its packages.
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
     (tmp_path / "no-wheels").mkdir()
     env = {
         **os.environ,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from transformers import CLIPTokenizer
 from distill.domain import IMAGE_SIZE, WORDS
 from distill.ship import model_card
 from distill.tiny_decoder import drop_unexpected_config
-from engine.card import read_card
+from engine.card import read_card, unknown_words
 from engine.loading import default_model_dir
 
 MODEL = default_model_dir()
@@ -77,3 +78,17 @@ def test_the_tiny_decoder_loads_without_a_warning_and_decodes_as_before(tmp_path
     assert json.loads((saved / "config.json").read_text()) == json.loads(
         (shipped / "config.json").read_text()
     )
+
+
+def test_the_docs_example_prompts_are_words_the_default_model_knows() -> None:
+    """The examples run against the default model (docs/models.md's are for real checkpoints)."""
+    root = Path(__file__).resolve().parents[2]
+    prompt = re.compile(r'"prompt":\s*"([^"]+)"|prompt="([^"]+)"|tiue generate "([^"]+)"')
+    vocabulary = read_card(MODEL).vocabulary
+    found = {}
+    for doc in ("README.md", "docs/api.md", "docs/deploy.md"):
+        for match in prompt.finditer((root / doc).read_text()):
+            text = next(group for group in match.groups() if group)
+            found[(doc, text)] = unknown_words(text, vocabulary)
+    assert len(found) >= 5
+    assert {key: words for key, words in found.items() if words} == {}

@@ -60,7 +60,7 @@ def test_the_readme_test_command_is_what_ci_runs_and_installs_the_browser() -> N
     root = Path(__file__).resolve().parents[2]
     ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in (root / "README.md").read_text().splitlines()
-    assert ci.startswith(f"{APT} && "), ci
+    assert ci.startswith(f"{APT} "), ci  # more packages may follow the browser's
 
 
 def test_the_setting_reads_tiue_playground(monkeypatch: pytest.MonkeyPatch) -> None:
