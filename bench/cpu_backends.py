@@ -45,7 +45,10 @@ def time_backends(
             started = time.perf_counter()
             timings = pipeline.generate(requests).timings
             runs[backend].append({**timings, "total": time.perf_counter() - started})
-    return {b: {k: statistics.median(r[k] for r in rs) for k in (*STAGES, "total")} for b, rs in runs.items()}
+    return {
+        b: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in (*STAGES, "total")}
+        for b, rs in runs.items()
+    }
 
 
 def main() -> None:

@@ -18,9 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.pipeline import load_pipeline  # noqa: E402
-from engine.types import DEVICE_STAGES, Decoder, GenerationRequest  # noqa: E402
-
-VAE_DECODE = DEVICE_STAGES[-1]
+from engine.types import VAE_DECODE, Decoder, GenerationRequest  # noqa: E402
 
 
 def main() -> None:

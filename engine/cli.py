@@ -75,6 +75,13 @@ def generate_image(
     except EngineError as exc:
         print(f"tiue generate: {exc}", file=sys.stderr)
         return 2
+    if result.images[0].flagged:
+        print(
+            f"tiue generate: the safety checker flagged the image (seed {seed}); nothing was written. "
+            "Try another prompt or seed",
+            file=sys.stderr,
+        )
+        return 1
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(result.images[0].pixels).save(out)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.types import BackendName, Decoder, Precision, TorchCompile
+from engine.types import BackendName, Decoder, Precision, SafetyCheck, TorchCompile
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class EngineConfig:
     threads: int = 0  # CPU intra-op threads for torch and onnxruntime; 0 keeps the library default
     decoder: Decoder = Decoder.FULL  # the decoder of requests that name none
     tiny_decoder_dir: Path | None = None  # an AutoencoderTiny folder; None: <model>/vae_tiny when present
+    safety_checker: SafetyCheck = SafetyCheck.AUTO  # the model folder's safety_checker/ (engine.safety)
     prompt_cache_size: int = 1024  # text encoder outputs kept, LRU by token ids (engine.prompt_cache); 0: off
 
     def __post_init__(self) -> None:

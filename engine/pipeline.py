@@ -22,8 +22,12 @@ from engine.export import torch_aot
 from engine.export.profiles import ModelDims
 from engine.loading import Components, load_configured
 from engine.prompt_cache import PromptCache
+from engine.safety import SafetyChecker, load_safety_checker
 from engine.types import (
-    DEVICE_STAGES,
+    DENOISE,
+    SAFETY_CHECK,
+    TEXT_ENCODE,
+    VAE_DECODE,
     BatchResult,
     Decoder,
     GeneratedImage,
@@ -39,10 +43,17 @@ MAX_SEED = 2**63 - 1
 
 
 class TiUEPipeline:
-    def __init__(self, components: Components, backend: Backend, config: EngineConfig):
+    def __init__(
+        self,
+        components: Components,
+        backend: Backend,
+        config: EngineConfig,
+        safety_checker: SafetyChecker | None = None,
+    ):
         self.components = components
         self.backend = backend
         self.config = config
+        self.safety_checker = safety_checker
         self.dims = ModelDims.from_components(components)
         self.vae_scale = self.dims.vae_scale
         self.latent_channels = self.dims.latent_channels
@@ -66,6 +77,7 @@ class TiUEPipeline:
             default_decoder=config.decoder,
             trained_sizes=components.card.trained_sizes or ((self.dims.default_size,) * 2,),
             vocabulary=components.card.vocabulary,
+            safety_checker=safety_checker is not None,
         )
 
     # -- validation -----------------------------------------------------------------------------
@@ -133,24 +145,30 @@ class TiUEPipeline:
     def _run(self, requests: Sequence[GenerationRequest]) -> BatchResult:
         timings: dict[str, float] = {}
         width, height = requests[0].shape_key
-        text_encode, denoise, vae_decode = DEVICE_STAGES
-        with self._timed(text_encode, timings):
+        with self._timed(TEXT_ENCODE, timings):
             ids = self.tokenize([r.prompt for r in requests])
             if self._warming:
                 states = self._encode_text(ids)
             else:
                 states = self.prompt_cache.encode(ids, self._encode_text)
             states = compiling.after_text_encoder(self.config, states)
-        with self._timed(denoise, timings):
+        with self._timed(DENOISE, timings):
             z_t = self.initial_noise(requests, height // self.vae_scale, width // self.vae_scale)
             z_0 = self.backend.denoise(to_device(z_t, self.backend.device).to(self.backend.dtype), states)
-        with self._timed(vae_decode, timings):
+        with self._timed(VAE_DECODE, timings):
             decoder = self.decoder_of(requests[0])
             scale, shift = self.latent_scaling[decoder]
             images = self.backend.decode(z_0 / scale + shift, decoder)
             pixels = to_uint8(images)
+        flags = [False] * len(requests)
+        if self.safety_checker is not None:
+            with self._timed(SAFETY_CHECK, timings):
+                flags = self.safety_checker.flags(pixels, [r.moderation for r in requests])
+            for index, flagged in enumerate(flags):
+                if flagged:
+                    pixels[index] = 0  # never handed on, even by mistake: black, as diffusers answers
         return BatchResult(
-            [GeneratedImage(p, r.seed) for p, r in zip(pixels, requests, strict=True)], timings
+            [GeneratedImage(p, r.seed, f) for p, r, f in zip(pixels, requests, flags, strict=True)], timings
         )
 
     def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -312,7 +330,10 @@ def load_pipeline(
             raise
         config = torch_aot.fall_back(config, str(exc))  # packages that do not load: as without them
         backend = backend_factory(components, config)
-    pipeline = TiUEPipeline(components, backend, config)
+    safety_checker = load_safety_checker(
+        components.path, config.safety_checker, config.precision.torch_dtype, backend.device
+    )
+    pipeline = TiUEPipeline(components, backend, config, safety_checker)
     log.info(
         "loaded model %s from %s on %s/%s/%s in %.1fs (timesteps %s, %s)",
         components.name,

@@ -48,7 +48,27 @@ class Decoder(str, Enum):
     TINY = "tiny"
 
 
-DEVICE_STAGES = ("text_encode", "denoise", "vae_decode")  # what BatchResult.timings reports, in order
+class SafetyCheck(str, Enum):
+    """Whether generated images pass the model folder's `safety_checker/` (diffusers'
+    StableDiffusionSafetyChecker) before they are returned."""
+
+    AUTO = "auto"  # when the model folder has one
+    ON = "on"  # the model folder must have one, or loading fails
+    OFF = "off"
+
+
+class Moderation(str, Enum):
+    """How strictly the safety checker flags an image (OpenAI's `moderation`). AUTO is diffusers'
+    behaviour: an image near a special-care concept gets 0.01 added to every concept score, so it
+    flags sooner; LOW leaves that adjustment out and flags only on the concept thresholds."""
+
+    AUTO = "auto"
+    LOW = "low"
+
+
+TEXT_ENCODE, DENOISE, VAE_DECODE, SAFETY_CHECK = "text_encode", "denoise", "vae_decode", "safety_check"
+# What BatchResult.timings reports, in order (safety_check only when the model's checker runs).
+DEVICE_STAGES = (TEXT_ENCODE, DENOISE, VAE_DECODE, SAFETY_CHECK)
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,7 @@ class GenerationRequest:
     width: int
     height: int
     decoder: Decoder | None = None  # None: the pipeline's default (EngineConfig.decoder)
+    moderation: Moderation = Moderation.AUTO  # the safety checker's strictness (when it runs)
 
     @property
     def shape_key(self) -> tuple[int, int]:
@@ -69,8 +90,9 @@ class GenerationRequest:
 
 @dataclass
 class GeneratedImage:
-    pixels: np.ndarray  # (height, width, 3) uint8 RGB
+    pixels: np.ndarray  # (height, width, 3) uint8 RGB; all zero when flagged
     seed: int
+    flagged: bool = False  # the safety checker flagged it: never to be returned
 
 
 @dataclass
@@ -95,3 +117,4 @@ class ModelInfo:
     default_decoder: Decoder = Decoder.FULL  # what a request that names none gets
     trained_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) it draws well; (): not known
     vocabulary: tuple[str, ...] | None = None  # the words it was trained on; None: not known (any words)
+    safety_checker: bool = False  # images pass a safety checker (and `moderation` is honoured)

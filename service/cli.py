@@ -53,6 +53,7 @@ ENGINE_FIELDS = (
     "warm_sizes",
     "threads",
     "max_batch_size",
+    "safety_checker",
     *DECODER_FIELDS,
 )
 _FLAG_NAMES = {"model_dir": "model"}  # a field whose flag is not its own name

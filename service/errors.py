@@ -61,6 +61,14 @@ class ModelNotFound(ServiceError):
         )
 
 
+class ContentPolicyViolation(ServiceError):
+    """Every image of the request was flagged by the safety checker, so none is returned."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    reason = "content_policy_violation"
+
+
 class NotAcceptable(ServiceError):
     status_code = 406
     error_type = "invalid_request_error"
@@ -231,6 +239,12 @@ def as_service_error(exc: BaseException) -> ServiceError | None:
 
 def error_response(exc: BaseException, metrics: ServiceMetrics | None) -> JSONResponse:
     """The only exception-to-HTTP mapping; unexpected errors are logged with traceback and get a plain 500."""
+    error, body = error_body(exc, metrics)
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+
+def error_body(exc: BaseException, metrics: ServiceMetrics | None) -> tuple[ServiceError, dict[str, Any]]:
+    """The error `exc` is answered with and its body (counted once); a stream sends the body as an event."""
     error = as_service_error(exc)
     if error is None:
         logger.error("unhandled error while serving a request", exc_info=exc)
@@ -247,5 +261,4 @@ def error_response(exc: BaseException, metrics: ServiceMetrics | None) -> JSONRe
     rid = request_id()
     if rid is not None:
         detail["request_id"] = rid  # what to quote when asking about this answer: it is in every log line
-    body = {"error": detail}
-    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+    return error, {"error": detail}

@@ -14,10 +14,16 @@ from typing import Any, TypeVar
 from starlette.types import Message
 
 from engine.card import fit_warnings
-from engine.types import DEVICE_STAGES, Decoder, GenerationRequest, ModelInfo
+from engine.types import DEVICE_STAGES, Decoder, GeneratedImage, GenerationRequest, ModelInfo, Moderation
 from service.edge.caller import Caller
 from service.edge.logs import annotate, request_id
-from service.errors import BatchFailed, ClientDisconnected, DeadlineExceeded, InvalidInput
+from service.errors import (
+    BatchFailed,
+    ClientDisconnected,
+    ContentPolicyViolation,
+    DeadlineExceeded,
+    InvalidInput,
+)
 from service.images import OutputFormat, encode_image
 from service.metrics import IMAGE_ENCODE
 from service.models import ServedModel
@@ -44,12 +50,18 @@ class Job:
     output_format: OutputFormat
     quality: int | None = None
     decoder: Decoder | None = None  # None: the model's default (TIUE_DECODER)
+    moderation: Moderation | None = None  # None: not asked (the checker's default, auto)
 
 
 @dataclass
 class EncodedImage:
-    data: bytes  # the encoded file, or its base64 when the answer is JSON
+    data: bytes | None  # the encoded file, or its base64 when the answer is JSON; None: withheld
     seed: int
+
+    @property
+    def withheld(self) -> bool:
+        """The safety checker flagged it: the answer says so in its place."""
+        return self.data is None
 
 
 @dataclass
@@ -58,6 +70,7 @@ class JobOutput:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     decoder: Decoder = Decoder.FULL
+    prompt_tokens: int = 0  # BOS/EOS included, before truncation (the stream's usage)
 
     def server_timing(self) -> str:
         """The `Server-Timing` header: the same timings in milliseconds, readable in browser dev tools."""
@@ -139,23 +152,51 @@ def random_seed() -> int:
     return secrets.randbelow(_SEED_SPACE)
 
 
+@dataclass
+class Submitted:
+    """A job admitted and queued: what `finish_job` waits for."""
+
+    job: Job
+    futures: list[asyncio.Future[ItemResult]]
+    deadline: float  # monotonic: the request's arrival plus the timeout
+    started: float  # perf_counter at the job's start
+    decoder: Decoder
+    warnings: list[str]
+    prompt_tokens: int
+
+
 async def run_job(
     state: ServiceState, job: Job, caller: Caller, receive: Callable[[], Awaitable[Message]], b64: bool
 ) -> JobOutput:
     """Validate against the model, admit by cost, queue, wait for the images (or a disconnect or the
     deadline, counted from the request's arrival), encode."""
+    return await finish_job(state, submit_job(state, job, caller), receive, b64)
+
+
+def moderation_warnings(info: ModelInfo, moderation: Moderation | None) -> list[str]:
+    if moderation is None or info.safety_checker:
+        return []
+    return [f"moderation '{moderation.value}' was ignored: model {info.name} runs no safety checker"]
+
+
+def submit_job(state: ServiceState, job: Job, caller: Caller) -> Submitted:
+    """Everything that can refuse a job before its answer starts: limits, the model's rules, admission."""
     started = time.perf_counter()
     model = job.model
     pipeline, info = model.pipeline, model.info
     check_limits(state.settings, info, job.prompt, job.n, job.width, job.height)
     decoder = resolve_decoder(info, job.decoder)
+    moderation = job.moderation or Moderation.AUTO
     requests = [
-        GenerationRequest(job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height, decoder)
+        GenerationRequest(
+            job.prompt, (job.seed + i) % _SEED_SPACE, job.width, job.height, decoder, moderation
+        )
         for i in range(job.n)
     ]
     for request in requests:
         pipeline.validate(request)
-    warnings = prompt_warnings(state, job.prompt, info, pipeline.count_tokens(job.prompt))
+    tokens = pipeline.count_tokens(job.prompt)
+    warnings = prompt_warnings(state, job.prompt, info, tokens) + moderation_warnings(info, job.moderation)
     warnings += fit_warnings(info, job.prompt, job.width, job.height)
 
     timeout = state.settings.request_timeout_s
@@ -179,6 +220,15 @@ async def run_job(
         cost_s=cost,
         trace=state.tracing.current(),
     )
+    return Submitted(job, futures, deadline, started, decoder, warnings, tokens)
+
+
+async def finish_job(
+    state: ServiceState, submitted: Submitted, receive: Callable[[], Awaitable[Message]], b64: bool
+) -> JobOutput:
+    """Wait for a submitted job's images (or a disconnect, or the deadline), then encode those not withheld."""
+    job, futures, deadline = submitted.job, submitted.futures, submitted.deadline
+    timeout = state.settings.request_timeout_s
     try:
         results = await _unless_gone(
             MicroBatcher.results(futures), receive, deadline - time.monotonic(), timeout
@@ -194,26 +244,47 @@ async def run_job(
         batch_ids=sorted({result.batch_id for result in results}),
     )
 
+    made = [image for result in results for image in result.images]
+    warnings = submitted.warnings + _withheld_warnings(made)
+    if all(image.flagged for image in made):
+        annotate(withheld=len(made))
+        raise ContentPolicyViolation(
+            ("the image was" if len(made) == 1 else f"all {len(made)} images were")
+            + " flagged by the safety checker and withheld; try another prompt or seed",
+            param="prompt",
+        )
     encode_started = time.perf_counter()
-    pixels = [image for result in results for image in result.images]
-    with state.tracing.span("image_encode", images=len(pixels), format=job.output_format):
-        encoded = await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64)) for p in pixels))
+    shown = [image for image in made if not image.flagged]
+    with state.tracing.span("image_encode", images=len(shown), format=job.output_format):
+        encoded = iter(
+            await asyncio.gather(*(state.run_encode(_encoder(p.pixels, job, b64, state)) for p in shown))
+        )
     encode_s = time.perf_counter() - encode_started
-    for _data, seconds in encoded:
-        state.metrics.stage_duration.labels(stage=IMAGE_ENCODE, model=model.name).observe(seconds)
+    images = []
+    for image in made:
+        data = None if image.flagged else next(encoded)[0]
+        images.append(EncodedImage(data, image.seed))
+    timings = _timings(results, encode_s, time.perf_counter() - submitted.started)
+    return JobOutput(images, timings, warnings, submitted.decoder, submitted.prompt_tokens)
 
-    images = [EncodedImage(data, image.seed) for (data, _s), image in zip(encoded, pixels, strict=True)]
-    timings = _timings(results, encode_s, time.perf_counter() - started)
-    return JobOutput(images, timings, warnings, decoder)
+
+def _withheld_warnings(images: list[GeneratedImage]) -> list[str]:
+    return [
+        f"image {index} (seed {image.seed}) was withheld: the safety checker flagged it"
+        for index, image in enumerate(images)
+        if image.flagged
+    ]
 
 
-def _encoder(pixels: Any, job: Job, b64: bool) -> Callable[[], tuple[bytes, float]]:
+def _encoder(pixels: Any, job: Job, b64: bool, state: ServiceState) -> Callable[[], tuple[bytes, float]]:
     def encode() -> tuple[bytes, float]:
         started = time.perf_counter()
         data = encode_image(pixels, job.output_format, job.quality)
         if b64:
             data = base64.b64encode(data)
-        return data, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        state.metrics.stage_duration.labels(stage=IMAGE_ENCODE, model=job.model.name).observe(seconds)
+        return data, seconds
 
     return encode
 

@@ -22,6 +22,7 @@ REJECT_REASONS = (
     "overloaded",
     "request_timeout",
     "model_not_found",
+    "content_policy_violation",
 )
 IMAGE_ENCODE = "image_encode"  # on the event loop's encode pool, once per image
 STAGES = (*DEVICE_STAGES, IMAGE_ENCODE)  # every stage a request's timings and the metrics report
@@ -91,6 +92,12 @@ class ServiceMetrics:
         self.images_generated = Counter(
             "tiue_images_generated", "Images the engine produced.", ["model"], registry=r
         )
+        self.images_flagged = Counter(
+            "tiue_images_flagged",
+            "Images the safety checker flagged; they are withheld, never returned.",
+            ["model"],
+            registry=r,
+        )
         self.images_discarded = Counter(
             "tiue_images_discarded",
             "Images the engine produced for requests that had already given up (cancelled) or timed out (expired).",
@@ -153,6 +160,7 @@ class ServiceMetrics:
         ).set(1)
         self.images_generated.labels(model=name)
         self.device_busy.labels(model=name)
+        self.images_flagged.labels(model=name)
         self.queue_wait.labels(model=name)
         self.batch_size.labels(model=name)
         for reason in REJECT_REASONS:

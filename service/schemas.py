@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
-from engine.types import Decoder
+from engine.types import Decoder, Moderation
 from service.images import OutputFormat
 
 MODEL_FIELD = "a model this server serves (GET /v1/models); absent: the default model"
@@ -15,6 +24,11 @@ DECODER_FIELD = (
     "full: the model's VAE; tiny: its AutoencoderTiny, faster and a little softer (when the model has one, "
     "GET /v1/models lists its decoders); absent: the server's TIUE_DECODER"
 )
+MODERATION_FIELD = (
+    "the safety checker's strictness where the model has one: auto (diffusers' default) or low (without its "
+    "special-care adjustment); without a checker: ignored, with a warning"
+)
+WITHHELD: Literal["content_policy_violation"] = "content_policy_violation"  # ImageData.withheld: flagged
 Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
 Compression = Annotated[StrictInt, Field(ge=0, le=100)]
 
@@ -56,6 +70,7 @@ class GenerateRequest(BaseModel):
         default=None, description="jpeg/webp quality, 0-100 (default 90)"
     )
     decoder: Decoder | None = Field(default=None, description=DECODER_FIELD)
+    moderation: Moderation | None = Field(default=None, description=MODERATION_FIELD)
 
     _prompt = field_validator("prompt")(_non_empty_prompt)
 
@@ -90,6 +105,15 @@ class OpenAIImageRequest(BaseModel):
     style: StrictStr | None = Field(default=None, description="ignored (named in warnings)")
     user: StrictStr | None = Field(default=None, description="ignored (named in warnings)")
     seed: Seed | None = Field(default=None, description="extension: image i gets seed + i (mod 2**32)")
+    moderation: Moderation | None = Field(default=None, description=MODERATION_FIELD)
+    stream: StrictBool | None = Field(
+        default=False,
+        description="true: answer text/event-stream, an image_generation.completed event per image "
+        "(docs/api.md, Streaming)",
+    )
+    partial_images: Annotated[StrictInt, Field(ge=0, le=3)] | None = Field(
+        default=None, description="accepted with stream; no partial images are sent (a warning says so)"
+    )
 
     _prompt = field_validator("prompt")(_non_empty_prompt)
 
@@ -102,8 +126,11 @@ class OpenAIImageRequest(BaseModel):
 
 
 class ImageData(BaseModel):
-    b64_json: str
+    b64_json: str | None = Field(description="the image; null when withheld")
     seed: int
+    withheld: Literal["content_policy_violation"] | None = Field(
+        default=None, description="set when the safety checker flagged the image: it is not returned"
+    )
 
 
 class Timings(BaseModel):
@@ -113,6 +140,7 @@ class Timings(BaseModel):
     text_encode: float
     denoise: float
     vae_decode: float
+    safety_check: float = Field(default=0.0, description="0 when the model has no safety checker")
     image_encode: float
     total: float
 

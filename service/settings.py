@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.config import EngineConfig, available_cpus
-from engine.types import BackendName, Decoder, Precision, TorchCompile
+from engine.types import BackendName, Decoder, Precision, SafetyCheck, TorchCompile
 from service.edge.logs import LogFormat
 
 
@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         default=None,
         description="a diffusers AutoencoderTiny folder to use as the tiny decoder (unset: <model>/vae_tiny "
         "when present); checked against the model's VAE at load",
+    )
+    safety_checker: SafetyCheck = Field(
+        default=SafetyCheck.AUTO,
+        description="check every image with the model folder's safety_checker/ and withhold flagged ones "
+        "(auto: when the folder has one; on: the server fails to start without one; off)",
     )
     threads: int = Field(
         default_factory=available_cpus,
@@ -353,7 +358,9 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("backend", "precision", "log_level", "log_format", "prompt_policy", mode="before")
+    @field_validator(
+        "backend", "precision", "log_level", "log_format", "prompt_policy", "safety_checker", mode="before"
+    )
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -422,5 +429,6 @@ class Settings(BaseSettings):
             threads=self.threads,
             decoder=self.decoder,
             tiny_decoder_dir=self.tiny_decoder_dir,
+            safety_checker=self.safety_checker,
             prompt_cache_size=self.prompt_cache_size,
         )

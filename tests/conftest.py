@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.support.tiny_model import add_tiny_decoder, build_tiny_pipeline
+from tests.support.tiny_safety import add_aimed_safety_checker
 
 # One intra-op thread: the tiny models gain nothing from more, and OpenMP threads that spin-wait
 # collapse (seconds per image instead of milliseconds) when a server subprocess shares the cores.
@@ -39,4 +40,13 @@ def tiny_decoder_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     a wrong latent scaling shows)."""
     model = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd15-vae-tiny"), "sd15", seed=0)
     add_tiny_decoder(model, scaling_factor=0.75)
+    return model
+
+
+@pytest.fixture(scope="session")
+def safety_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD1.5-shaped pipeline folder with a `safety_checker/` aimed at known images
+    (tests/support/tiny_safety.py: FLAGGED_SEED, CARE_SEED)."""
+    model = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd15-safety"), "sd15", seed=0)
+    add_aimed_safety_checker(model)
     return model

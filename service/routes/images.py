@@ -15,14 +15,17 @@ from service.errors import NotAcceptable, UnsupportedMediaType
 from service.generation import (
     Job,
     JobOutput,
+    finish_job,
     openai_decoder,
     parse_size,
     random_seed,
     resolve_model,
     run_job,
+    submit_job,
 )
 from service.images import MEDIA_TYPES, ImagePreference, OutputFormat, negotiate
 from service.schemas import (
+    WITHHELD,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -31,6 +34,7 @@ from service.schemas import (
     OpenAIImagesResponse,
     Timings,
 )
+from service.streaming import PARTIAL_IMAGES_WARNING, stream_job
 
 
 async def require_json(request: Request) -> None:
@@ -58,7 +62,12 @@ def _headers(output: JobOutput) -> dict[str, str]:
 
 
 def _data(output: JobOutput) -> list[ImageData]:
-    return [ImageData(b64_json=image.data.decode("ascii"), seed=image.seed) for image in output.images]
+    return [
+        ImageData(b64_json=None, seed=image.seed, withheld=WITHHELD)
+        if image.data is None
+        else ImageData(b64_json=image.data.decode("ascii"), seed=image.seed)
+        for image in output.images
+    ]
 
 
 def _output_format(body: GenerateRequest, preference: ImagePreference) -> OutputFormat:
@@ -93,7 +102,16 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
     width, height = parse_size(body.size, body.width, body.height, model.info)
     seed = random_seed() if body.seed is None else body.seed
     job = Job(
-        model, body.prompt, body.n, width, height, seed, output_format, body.output_compression, body.decoder
+        model,
+        body.prompt,
+        body.n,
+        width,
+        height,
+        seed,
+        output_format,
+        body.output_compression,
+        body.decoder,
+        body.moderation,
     )
     output = await run_job(state, job, caller, request.receive, b64=not preference.raw)
     output.warnings[:0] = compression_warnings(output_format, body.output_compression)
@@ -119,9 +137,15 @@ async def generate(body: GenerateRequest, request: Request, state: State, caller
 
 @router.post(
     "/v1/images/generations",
-    summary="OpenAI-compatible image generation (response_format b64_json)",
+    summary="OpenAI-compatible image generation (response_format b64_json; stream: server-sent events)",
     response_model=None,
-    responses={200: {"model": OpenAIImagesResponse}, **{k: v for k, v in _ERRORS.items() if k != 406}},
+    responses={
+        200: {
+            "model": OpenAIImagesResponse,
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **{k: v for k, v in _ERRORS.items() if k != 406},
+    },
 )
 async def openai_generations(
     body: OpenAIImageRequest, request: Request, state: State, caller: CallerDep
@@ -132,9 +156,31 @@ async def openai_generations(
     output_format: OutputFormat = body.output_format or "png"
     decoder = openai_decoder(model.info, body.quality)
     n = body.n or 1
-    job = Job(model, body.prompt, n, width, height, seed, output_format, body.output_compression, decoder)
-    output = await run_job(state, job, caller, request.receive, b64=True)
-    output.warnings[:0] = openai_warnings(body, model.info)
+    job = Job(
+        model,
+        body.prompt,
+        n,
+        width,
+        height,
+        seed,
+        output_format,
+        body.output_compression,
+        decoder,
+        body.moderation,
+    )
+    submitted = submit_job(state, job, caller)  # what refuses the job does so here, before any stream
+    submitted.warnings[:0] = openai_warnings(body, model.info)
+    if body.partial_images:
+        submitted.warnings.append(PARTIAL_IMAGES_WARNING)
+    if body.stream:
+        echo = {
+            "size": f"{width}x{height}",
+            "output_format": output_format,
+            "background": body.background or "auto",
+            "quality": body.quality or "auto",
+        }
+        return stream_job(state, submitted, echo)
+    output = await finish_job(state, submitted, request.receive, b64=True)
     response = OpenAIImagesResponse(
         created=int(time.time()),
         model=model.name,

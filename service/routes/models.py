@@ -45,6 +45,9 @@ class ModelObject(BaseModel):
     vocabulary: list[str] | None = Field(
         description="the words the model was trained on (others get a warning); null: not known"
     )
+    safety_checker: bool = Field(
+        default=False, description="its images pass a safety checker (flagged ones are withheld)"
+    )
     alias_of: str | None = Field(
         default=None, description="set on an alias (TIUE_MODEL_ALIASES): the served model it names"
     )
@@ -79,6 +82,7 @@ def model_object(model: ServedModel, default: str, alias: str | None = None) -> 
         default_decoder=info.default_decoder,
         trained_sizes=[f"{w}x{h}" for w, h in info.trained_sizes],
         vocabulary=None if info.vocabulary is None else list(info.vocabulary),
+        safety_checker=info.safety_checker,
     )
 
 

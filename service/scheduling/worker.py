@@ -251,6 +251,9 @@ class DeviceWorker:
         model = self._model(batch)
         model.cost.observe(batch.size, len(requests), done.seconds)
         self._metrics.images_generated.labels(model=model.name).inc(len(requests))
+        flagged = sum(image.flagged for image in result.images)
+        if flagged:
+            self._metrics.images_flagged.labels(model=model.name).inc(flagged)
         self._metrics.batch_size.labels(model=model.name).observe(len(requests))
         for stage, stage_s in result.timings.items():
             if stage in DEVICE_STAGES:

@@ -260,9 +260,17 @@ function element(tag, className, text) {
   return node;
 }
 
+function withheld(item, index, count) {
+  const note = element("p", "withheld", `Image ${index + 1} of ${count} (seed ${item.seed}) was withheld: the safety checker flagged it.`);
+  const entry = element("li");
+  entry.append(note);
+  return entry;
+}
+
 function figure(run, item, index) {
   const count = run.images.length;
   const format = run.output_format;
+  if (item.b64 === null) return withheld(item, index, count);
   const extension = format === "jpeg" ? "jpg" : format;
   const url = `data:image/${format};base64,${item.b64}`;
   const image = document.createElement("img");

@@ -21,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "gpu-torch")
 
 # Oldest Kubernetes minor the manifests promise to work on, and the newest kubernetes-validate knows.
 MIN_KUBERNETES = "1.29.0"
@@ -141,6 +141,26 @@ def settings_env(objects: Iterable[dict[str, Any]]) -> dict[str, str]:
     ]
     assert len(config_maps) == 1, [object_id(o) for o in config_maps]
     return dict(config_maps[0]["data"])
+
+
+def check_settings(env: dict[str, str]) -> tuple[Any, str | None]:
+    """(`Settings` from TIUE_* values as the service reads them, a pending value). A TIUE_TORCH_COMPILE value
+    this tree's TorchCompile does not have yet is left out of the check and returned as pending (the caller
+    skips with it once everything else has passed)."""
+    from engine.types import TorchCompile
+    from service.settings import Settings
+
+    fields = set(Settings.model_fields)
+    unknown = [key for key in env if key.removeprefix("TIUE_").lower() not in fields]
+    assert not unknown, f"not Settings fields: {unknown}"
+    mode = env.get("TIUE_TORCH_COMPILE")
+    pending = mode if mode is not None and mode not in {m.value for m in TorchCompile} else None
+    values = {
+        k.removeprefix("TIUE_").lower(): v
+        for k, v in env.items()
+        if not (pending and k == "TIUE_TORCH_COMPILE")
+    }
+    return Settings(**values), pending
 
 
 @cache

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_checks import ROOT, run, tool
+from deploy_checks import ROOT, check_settings, run, tool
 
 COMPOSE = ROOT / "docker-compose.yml"
+GPU_TORCH = ROOT / "docker-compose.gpu-torch.yml"  # `-f docker-compose.yml -f docker-compose.gpu-torch.yml`
 
 
 def check_compose_spec(path: Path) -> tuple[int, str]:
@@ -121,3 +122,72 @@ def test_prometheus_scrapes_the_services() -> None:
     assert names == {"tiue", "tiue-gpu"} and names <= services().keys()
     assert all(sd["port"] == 8000 for sd in job["dns_sd_configs"])
     assert job["metrics_path"] == "/metrics"
+
+
+# --- the torch-backend switch: docker-compose.gpu-torch.yml over the gpu profile ----------------------
+
+
+def merged_services(override: Path) -> dict[str, Any]:
+    """docker-compose.yml with an override file on top, by compose's merge rules for the keys it uses:
+    mappings merge key by key, `command` is replaced, `volumes` merge by their path in the container."""
+
+    def merge(base: Any, extra: Any, key: str = "") -> Any:
+        if key == "volumes" and isinstance(base, list):
+            by_target = {resolved(v).split(":")[1]: v for v in base}
+            by_target.update({resolved(v).split(":")[1]: v for v in extra})
+            return list(by_target.values())
+        if isinstance(base, dict) and isinstance(extra, dict):
+            return {k: merge(base[k], v, k) if k in base else v for k, v in {**base, **extra}.items()}
+        return extra
+
+    return dict(merge(services(), yaml.safe_load(override.read_text())["services"]))
+
+
+def test_gpu_torch_override_is_valid() -> None:
+    code, output = check_compose_spec(GPU_TORCH)
+    assert code == 0, output
+    assert yaml.safe_load(GPU_TORCH.read_text())["name"] == yaml.safe_load(COMPOSE.read_text())["name"]
+
+
+def test_gpu_torch_override_switches_the_gpu_services_only() -> None:
+    before, after = services(), merged_services(GPU_TORCH)
+    assert {name for name in after if after[name] != before[name]} == {"tiue-gpu", "tiue-build-engines"}
+    assert after["tiue-gpu"]["profiles"] == after["tiue-build-engines"]["profiles"] == ["gpu"]
+    env_before, env = before["tiue-gpu"]["environment"], after["tiue-gpu"]["environment"]
+    changed = {key for key in env if env[key] != env_before.get(key)}
+    assert changed == {"TIUE_BACKEND", "TIUE_TORCH_COMPILE", "TIUE_MAX_BATCH_SIZE"}
+    assert env["TIUE_BACKEND"] == "torch" and env["TIUE_TORCH_COMPILE"] == "auto"
+    assert env["TIUE_BUILD_ENGINES"] == "false", "it loads the build step's artefacts, it never builds"
+
+    build = after["tiue-build-engines"]
+    command = build["command"]
+    assert command[0] == "build-engines" and "--batch" not in command
+    assert command[command.index("--backend") + 1] == "torch"
+
+    def built_with(name: str) -> str | None:
+        """A setting as the build reads it: its flag, else its TIUE_* variable."""
+        flag = "--" + name.lower().replace("_", "-")
+        if flag in command:
+            return str(command[command.index(flag) + 1])
+        value = build["environment"].get(f"TIUE_{name}")
+        return None if value is None else resolved(str(value))
+
+    # the packages are keyed by these: built with other values, the server would not find them
+    for name in ("DEVICE", "PRECISION", "MAX_BATCH_SIZE", "MODELS", "ENGINE_DIR", "COMPILE_CACHE_DIR"):
+        assert built_with(name) == resolved(str(env[f"TIUE_{name}"])), name
+    mounts = {resolved(v).split(":")[1]: resolved(v).split(":")[0] for v in build["volumes"]}
+    served = {resolved(v).split(":")[1]: resolved(v).split(":")[0] for v in after["tiue-gpu"]["volumes"]}
+    for path in (env["TIUE_ENGINE_DIR"], env["TIUE_COMPILE_CACHE_DIR"]):
+        assert mounts[path] == served[path], f"{path}: the build writes where the service reads"
+
+
+def test_gpu_torch_settings_are_ones_the_service_reads() -> None:
+    pytest.importorskip("service.settings")
+    env = {
+        key: resolved(str(value))
+        for key, value in merged_services(GPU_TORCH)["tiue-gpu"]["environment"].items()
+    }
+    settings, pending = check_settings(env)
+    assert settings.backend.value == "torch" and settings.max_batch_size == 16
+    if pending:
+        pytest.skip(f"TIUE_TORCH_COMPILE={pending} is not a TorchCompile value in this tree yet")

@@ -16,6 +16,7 @@ from deploy_checks import ROOT, run, tool
 
 SCRIPT = ROOT / "deploy" / "smoke_podman.sh"
 WHEELS_SCRIPT = ROOT / "deploy" / "download_wheels.sh"
+GPU_BENCH_SCRIPTS = [ROOT / "bench" / "gpu_check.sh", ROOT / "bench" / "gpu_service.sh"]  # the device calls
 
 # A podman whose default runtime (crun) fails as on a host with cgroups in hybrid mode, whose runc
 # works, and that knows no other runtime; the base image "exists", so nothing is built or pulled.
@@ -44,7 +45,7 @@ def shellcheck(path: Path) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", [SCRIPT, WHEELS_SCRIPT], ids=lambda path: path.name)
+@pytest.mark.parametrize("script", [SCRIPT, WHEELS_SCRIPT, *GPU_BENCH_SCRIPTS], ids=lambda path: path.name)
 def test_shellcheck_is_clean(script: Path) -> None:
     code, output = shellcheck(script)
     assert code == 0, output

@@ -55,6 +55,7 @@ async def test_generate_returns_one_image_per_seed_in_order(engine: FakeEngine) 
         "text_encode",
         "denoise",
         "vae_decode",
+        "safety_check",
         "image_encode",
         "total",
     }
