@@ -497,3 +497,36 @@ async def test_the_history_survives_a_reload_and_a_seed_can_be_reused(browser: A
 
     assert icon.status_code == 200 and icon.headers["content-type"] == "image/vnd.microsoft.icon"
     assert Image.open(io.BytesIO(icon.content)).format == "ICO"
+
+
+class FlaggingEngine(FakeEngine):
+    """Flags every odd seed, as a safety checker would."""
+
+    def generate(self, requests: Any) -> Any:
+        result = super().generate(requests)
+        for image in result.images:
+            image.flagged = image.seed % 2 == 1
+        return result
+
+
+def a_withheld_image_in_the_history(driver: Any, url: str) -> tuple[int, list[str]]:
+    wait = open_page(driver, url)
+    driver.find_element(By.ID, "n").clear()
+    driver.find_element(By.ID, "n").send_keys("2")
+    driver.find_element(By.ID, "seed-random").click()
+    driver.find_element(By.ID, "seed").send_keys("4")
+    prompt_and_go(driver, PROMPT)
+    wait.until(lambda d: d.execute_script(RUNS_SHOWN) == 1)
+    open_page(driver, url)  # kept across a reload too
+    wait.until(lambda d: d.execute_script(RUNS_SHOWN) == 1 and d.execute_script(IMAGE_SHOWN))
+    images = len(driver.find_elements(By.CSS_SELECTOR, "#history .grid img"))
+    return images, [note.text for note in driver.find_elements(By.CSS_SELECTOR, "#history .withheld")]
+
+
+async def test_a_withheld_image_is_a_note_in_its_run(browser: Any) -> None:
+    engine = FlaggingEngine()
+    engine.info = replace(FAKE_INFO, safety_checker=True)
+    async with uvicorn_serving(engine) as (url, _):
+        images, notes = await asyncio.to_thread(a_withheld_image_in_the_history, browser, url)
+    assert images == 1
+    assert notes == ["Image 2 of 2 (seed 5) was withheld: the safety checker flagged it."]
