@@ -35,6 +35,7 @@ from engine.types import (
     GeneratedImage,
     GenerationRequest,
     ModelInfo,
+    Precision,
     TorchCompile,
 )
 
@@ -81,6 +82,8 @@ class TiUEPipeline:
             default_size=self.dims.default_size,
             decoders=decoders,
             default_decoder=config.decoder,
+            trained_sizes=components.card.trained_sizes or ((self.dims.default_size,) * 2,),
+            vocabulary=components.card.vocabulary,
             safety_checker=safety_checker is not None,
         )
 
@@ -320,6 +323,11 @@ def load_pipeline(
 ) -> TiUEPipeline:
     """Load the checkpoint named by `config` (or the embedded default) onto the chosen backend."""
     started = time.perf_counter()
+    if config.precision is Precision.FP16 and config.device.split(":")[0] == "cpu":
+        log.warning(
+            "precision fp16 on a CPU runs many times slower than fp32 (CPUs lack fast half-precision "
+            "kernels); use --precision fp32 (TIUE_PRECISION) there"
+        )
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     components = load_configured(config)

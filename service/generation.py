@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Message
 
+from engine.card import fit_warnings
 from engine.types import DEVICE_STAGES, Decoder, GeneratedImage, GenerationRequest, ModelInfo, Moderation
 from service.edge.caller import Caller
 from service.edge.logs import annotate, request_id
@@ -206,6 +207,7 @@ def submit_job(state: ServiceState, job: Job, caller: Caller) -> Submitted:
     # Counted once admitted: a refused request is never tokenized (under overload, most are refused).
     tokens = pipeline.count_tokens(job.prompt)
     warnings = prompt_warnings(state, job.prompt, info, tokens) + moderation_warnings(info, job.moderation)
+    warnings += fit_warnings(info, job.prompt, job.width, job.height)
     seeds = [request.seed for request in requests]
     annotate(images=job.n, size=f"{job.width}x{job.height}", seeds=seeds, decoder=decoder.value)
     key = BatchKey(model.name, job.width, job.height, decoder)

@@ -22,6 +22,7 @@ from typing import Any
 
 ACCESS_LOGGER = "tiue.access"
 _LIBRARIES = ("transformers.utils.logging", "diffusers.utils.logging")  # each has its own stderr handler
+_QUIET_LOGGERS = ("py.warnings", "transformers", "diffusers")  # their warnings go out at DEBUG
 _IN_ACCESS_MESSAGE = frozenset({"method", "route", "status", "duration_s"})  # not repeated in text lines
 
 
@@ -180,9 +181,22 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+class LibraryWarningFilter(logging.Filter):
+    """Warnings from the model libraries and Python's `warnings` (deprecations, config notes) are for
+    whoever debugs the service, not for its operator: written at DEBUG, so shown only at that level.
+    Their errors keep their level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.name.startswith(_QUIET_LOGGERS):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def make_handler(fmt: LogFormat, stream: Any = None) -> logging.Handler:
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(LibraryWarningFilter())
     handler.setFormatter(JsonFormatter() if fmt is LogFormat.JSON else TextFormatter())
     return handler
 
@@ -214,5 +228,4 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
             continue
         library.disable_default_handler()
         library.enable_propagation()
-        if fmt is LogFormat.JSON:
-            library.disable_progress_bar()  # tqdm writes to stderr directly, and not in lines
+        library.disable_progress_bar()  # tqdm ("Loading weights") writes to stderr directly, not in lines
