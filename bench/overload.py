@@ -1,20 +1,32 @@
 """Overload benchmark for the HTTP service (not a test): what the server delivers when offered more
 than it can do, and when its clients retry every refusal at once.
 
-    python bench/overload.py --fake                  # a fake engine of fixed compute time per image
-    python bench/overload.py --fake --out overload.md
     python bench/overload.py                         # `python -m service.cli serve`, the embedded model
+    python bench/overload.py --loads "" --out storm.md   # capacity and the retry storm only
+    python bench/overload.py --fake                  # a fake engine of fixed compute time per image
+    python bench/overload.py --refusal-cost          # server CPU per refused request (needs `hey`)
+
+The server and the load generator run on different cores (`taskset`; by default the server on CPU 0 with
+TIUE_THREADS=1, the load generator's processes on CPU 1; `--server-cpus ""` turns pinning off), so that
+neither steals the other's CPU. The load comes from `--client-processes` processes (default 4), each with
+its share of the clients or of the arrival rate, so that one event loop does not queue its own requests.
 
 Each scenario gets a fresh server in a subprocess on 127.0.0.1 (so its counters start at zero):
 1. capacity: closed loop, 2 x max_batch_size clients sending n=1, so every batch is full;
 2. open loop at 0.5, 1, 2 and 4 x capacity: Poisson arrivals, each request n=1 at the native size;
 3. retry storm: 64 clients that resend at once on 429 or 503, against queue_size 8 and
    request_timeout_s 1.
-Goodput counts images answered 200 within the request timeout. Images discarded are read from
-`tiue_images_discarded_total` (work done for requests that had given up or expired) when the server
-exports it, else estimated as images generated minus images delivered. Each client sends its own API
-key (the server is started with one per client), so a server that tells clients apart can;
-`--no-keys` sends none, so every request comes from one address, as from behind a load balancer.
+Goodput counts images answered 200 within the request timeout, twice: by the client's clock (from
+sending to the last byte) and by the server's (its `tiue_request_duration_seconds` histogram, from
+arrival to answer), each over the client's window. Capacity is measured the same two ways, and each
+row's share of capacity is by the same clock. Images discarded are read from
+`tiue_images_discarded_total` (work done for requests that had given up or expired). Each client
+sends its own API key (the server is started with one per client), so a server that tells clients apart
+can; `--no-keys` sends none, so every request comes from one address, as from behind a load balancer.
+
+`--refusal-cost` measures what a refusal costs the server: a fake device that never finishes holds one
+request and queues one more (queue_size 1), then `hey` sends `--refusals` requests, all refused with 429;
+the server's CPU time (utime + stime from /proc) over the flood, divided by the refusals.
 """
 
 from __future__ import annotations
@@ -23,15 +35,19 @@ import argparse
 import asyncio
 import datetime
 import json
+import multiprocessing
 import os
 import random
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -107,20 +123,29 @@ def serve_child(cfg: dict[str, Any]) -> None:
 class Server:
     """One server process for one scenario."""
 
-    def __init__(self, args: argparse.Namespace, **settings: Any):
+    def __init__(self, args: argparse.Namespace, fake: bool = False, **settings: Any):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "TIUE_LOG_LEVEL": "warning"}
         keys = "" if args.no_keys else ",".join(KEYS)
         all_settings = {"port": port, "max_batch_size": args.max_batch_size, "api_keys": keys}
         all_settings.update(settings)
-        if args.fake:
+        if args.server_cpus:
+            all_settings.setdefault("threads", len(cpu_list(args.server_cpus)))
+        if args.fake or fake:
             cfg = {"settings": all_settings, "batch_ms": args.batch_ms, "image_ms": args.image_ms}
             command = [sys.executable, __file__, "--child", json.dumps(cfg)]
         else:
             env.update({f"TIUE_{name.upper()}": str(value) for name, value in all_settings.items()})
             command = [sys.executable, "-m", "service.cli", "serve"]
+        if args.server_cpus:
+            command = ["taskset", "-c", args.server_cpus, *command]  # taskset execs: the pid is the server's
         self.process = subprocess.Popen(command, cwd=ROOT, env=env)
+
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user + system), from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def wait_ready(self, timeout: float = 300) -> None:
         wait_ready(self.process, self.url, timeout)
@@ -153,6 +178,20 @@ class Tally:
     def elapsed_s(self) -> float:
         """From the first request to the last answer: work answered after the load stops counts, in its time."""
         return max(self.last_answer - self.started, 1e-9)
+
+    @classmethod
+    def merged(cls, tallies: Sequence[Tally]) -> Tally:
+        """The tallies of the load generator's processes as one (perf_counter is system-wide on Linux)."""
+        out = cls(tallies[0].timeout_s, started=min(t.started for t in tallies))
+        for t in tallies:
+            out.statuses.update(t.statuses)
+            out.latencies += t.latencies
+            out.server_latencies += t.server_latencies
+            out.good_images += t.good_images
+            out.delivered += t.delivered
+            out.sent += t.sent
+            out.last_answer = max(out.last_answer, t.last_answer)
+        return out
 
     def record(self, status: str, latency: float, server_s: float | None = None) -> None:
         self.last_answer = time.perf_counter()
@@ -250,10 +289,17 @@ async def _client(url: str, timeout_s: float) -> AsyncIterator[Pool]:
 
 
 async def closed_loop(
-    url: str, keys: Sequence[str | None], clients: int, duration_s: float, timeout_s: float
+    url: str,
+    keys: Sequence[str | None],
+    clients: int,
+    duration_s: float,
+    timeout_s: float,
+    part: int = 0,
+    parts: int = 1,
 ) -> Tally:
     """Each client sends its next request as soon as it has an answer, whatever the answer: at capacity,
-    full batches; in the retry storm, a 429 or 503 resent at once (Retry-After ignored)."""
+    full batches; in the retry storm, a 429 or 503 resent at once (Retry-After ignored). This process runs
+    clients part, part + parts, ... of them."""
     tally = Tally(timeout_s)
     stop = time.perf_counter() + duration_s
 
@@ -262,16 +308,25 @@ async def closed_loop(
             await send(client, keys[i % len(keys)], tally)
 
     async with _client(url, timeout_s) as client:
-        await asyncio.gather(*(one(i) for i in range(clients)))
+        await asyncio.gather(*(one(i) for i in range(part, clients, parts)))
     return tally
 
 
 async def open_loop(
-    url: str, keys: Sequence[str | None], rate: float, duration_s: float, timeout_s: float, seed: int
+    url: str,
+    keys: Sequence[str | None],
+    rate: float,
+    duration_s: float,
+    timeout_s: float,
+    seed: int,
+    part: int = 0,
+    parts: int = 1,
 ) -> Tally:
-    """Poisson arrivals at `rate` requests/s, whatever the server answers (users do not wait for each other)."""
+    """Poisson arrivals at `rate` requests/s, whatever the server answers (users do not wait for each other);
+    this process sends its share, rate / parts."""
     tally = Tally(timeout_s)
-    rng = random.Random(seed)
+    rate /= parts
+    rng = random.Random(seed * 1000 + part)
     tasks: set[asyncio.Task[str]] = set()
     async with _client(url, timeout_s) as client:
         started = time.perf_counter()
@@ -336,8 +391,14 @@ class Row:
     settings: str
     offered: str
     tally: Tally
-    capacity: float
+    capacity: float  # by the client's clock
     discarded: str
+    server_good: float | None = None  # images answered 200 within the timeout by the server's clock
+    server_capacity: float | None = None
+
+    @property
+    def server_goodput(self) -> float | None:
+        return None if self.server_good is None else self.server_good / self.tally.elapsed_s
 
     def cells(self) -> list[str]:
         t = self.tally
@@ -346,10 +407,15 @@ class Row:
         p50, p99 = percentile(t.latencies, 0.5), percentile(t.latencies, 0.99)
         server_p99 = percentile(t.server_latencies, 0.99)
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+        served = self.server_goodput
         return [
             self.scenario,
             self.settings,
             self.offered,
+            "-" if served is None else f"{served:.1f}",
+            "-"
+            if served is None or not self.server_capacity
+            else f"{100 * served / self.server_capacity:.0f} %",
             f"{goodput:.1f}",
             f"{100 * goodput / self.capacity:.0f} %",
             *(str(t.statuses.get(s, 0)) for s in ("200", "429", "503", "504")),
@@ -365,8 +431,10 @@ HEADER = [
     "scenario",
     "server settings",
     "offered",
-    "goodput img/s",
-    "% of capacity",
+    "goodput img/s (server clock)",
+    "% of capacity (server)",
+    "goodput img/s (client clock)",
+    "% of capacity (client)",
     "200",
     "429",
     "503",
@@ -385,17 +453,49 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run_scenario(
-    args: argparse.Namespace, settings: dict[str, Any], load: Callable[[str], Coroutine[Any, Any, Tally]]
-) -> tuple[Tally, str]:
+Load = Callable[..., Coroutine[Any, Any, Tally]]
+
+
+def _run_part(load: Load, url: str, part: int, parts: int) -> Tally:
+    return asyncio.run(load(url, part=part, parts=parts))
+
+
+def generate_load(load: Load, url: str, processes: int) -> Tally:
+    """`load` split over `processes` processes (forked: they inherit the load generator's CPU affinity)."""
+    if processes <= 1:
+        return asyncio.run(load(url))
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_run_part, load, url, part, processes) for part in range(processes)]
+        return Tally.merged([future.result() for future in futures])
+
+
+def run_scenario(args: argparse.Namespace, settings: dict[str, Any], load: Load) -> tuple[Tally, str]:
     server = Server(args, **settings)
     try:
         server.wait_ready()
-        tally = asyncio.run(load(server.url))
+        tally = generate_load(load, server.url, args.client_processes)
         text = server.metrics()
     finally:
         server.stop()
     return tally, text
+
+
+def server_good(text: str, timeout_s: float) -> float | None:
+    """Generation requests answered 200 within `timeout_s` by the server's own clock (its request
+    histogram; every request here is n = 1), or None when `timeout_s` is not one of its buckets."""
+    total, found = 0.0, False
+    for labels, value in re.findall(
+        r"^tiue_request_duration_seconds_bucket\{([^}]*)\} (\S+)$", text, re.MULTILINE
+    ):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if (
+            fields.get("status") == "200"
+            and fields.get("route") == "/generate"
+            and fields.get("le") != "+Inf"
+        ) and float(fields["le"]) == timeout_s:
+            total += float(value)
+            found = True
+    return total if found else None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -416,7 +516,77 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-keys", action="store_true", help="no API keys: every client is one address")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     parser.add_argument("--seed", type=int, default=0)
+    pinned = (os.cpu_count() or 1) >= 2
+    parser.add_argument(
+        "--server-cpus",
+        default="0" if pinned else "",
+        help="taskset CPU list for the server (TIUE_THREADS follows); '' = no pinning",
+    )
+    parser.add_argument(
+        "--client-cpus", default="1" if pinned else "", help="CPU list for the load generator"
+    )
+    parser.add_argument("--client-processes", type=int, default=4, help="load generator processes")
+    parser.add_argument("--refusal-cost", action="store_true", help="only measure server CPU per refusal")
+    parser.add_argument("--refusals", type=int, default=5000, help="requests `hey` sends for --refusal-cost")
     return parser.parse_args(argv)
+
+
+def cpu_list(spec: str) -> set[int]:
+    """taskset's CPU list syntax: '0', '0,2', '0-3'."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def refusal_cost(args: argparse.Namespace) -> str:
+    """Server CPU per refused request: the device held by a request that never finishes, one more queued,
+    then `hey` sends `--refusals` requests over 16 connections, every one refused with 429 queue_full."""
+    hey = shutil.which("hey")
+    if hey is None:
+        raise SystemExit("--refusal-cost needs `hey` (apt-get install hey)")
+    args.batch_ms = 3_600_000.0  # the device never finishes within the run
+    settings = {"max_batch_size": 1, "queue_size": 1, "max_n": 1, "request_timeout_s": 600.0, "api_keys": ""}
+    server = Server(args, fake=True, **settings)
+    body = json.dumps({"prompt": PROMPTS[0], "n": 1, "output_format": "jpeg"})
+    held: list[subprocess.Popen[bytes]] = []
+    try:
+        server.wait_ready()
+        for _ in range(2):  # one on the device, one queued: the queue is full from here on
+            curl = ["curl", "-s", "-o", "/dev/null", "-H", "Content-Type: application/json", "-d", body]
+            held.append(subprocess.Popen([*curl, f"{server.url}/generate"]))
+        time.sleep(2)
+        before = server.cpu_seconds()
+        started = time.perf_counter()
+        command = [
+            hey,
+            "-n",
+            str(args.refusals),
+            "-c",
+            "16",
+            "-m",
+            "POST",
+            "-T",
+            "application/json",
+            "-d",
+            body,
+        ]
+        result = subprocess.run(
+            [*command, f"{server.url}/generate"], capture_output=True, text=True, check=True
+        )
+        wall = time.perf_counter() - started
+        cpu = server.cpu_seconds() - before
+        statuses = re.findall(r"\[(\d+)\]\s+(\d+) responses", result.stdout)
+    finally:
+        for process in held:
+            process.kill()
+        server.stop()
+    refused = sum(int(count) for status, count in statuses if status == "429")
+    return (
+        f"{args.refusals} requests in {wall:.1f} s, status counts {dict(statuses)}; server CPU {cpu:.2f} s = "
+        f"{1000 * cpu / max(refused, 1):.3f} ms per refusal ({refused / wall:.0f} refusals/s)"
+    )
 
 
 def scenarios(args: argparse.Namespace) -> list[Row]:
@@ -425,16 +595,21 @@ def scenarios(args: argparse.Namespace) -> list[Row]:
     keys: list[str | None] = [None] if args.no_keys else list(KEYS)
     capacity: float | None = args.capacity
 
+    server_capacity: float | None = args.capacity
+
     def run(name: str, settings: dict[str, Any], load: Any, offered: str) -> None:
-        nonlocal capacity
+        nonlocal capacity, server_capacity
         tally, text = run_scenario(args, settings, load)
+        good = server_good(text, settings["request_timeout_s"])
         if capacity is None:  # the first scenario measures it
             capacity = tally.good_images / tally.elapsed_s
+            server_capacity = None if good is None else good / tally.elapsed_s
         if "{rate}" in offered:
             offered = offered.format(rate=f"{tally.sent / tally.elapsed_s:.0f}")
         described = ", ".join(f"{key} {value:g}" for key, value in settings.items())
-        rows.append(Row(name, described, offered, tally, capacity, discarded(text, tally)))
-        print(" | ".join(rows[-1].cells()), file=sys.stderr, flush=True)
+        row = Row(name, described, offered, tally, capacity, discarded(text, tally), good, server_capacity)
+        rows.append(row)
+        print(" | ".join(row.cells()), file=sys.stderr, flush=True)
 
     timeout_s = args.timeout
     open_settings = {"request_timeout_s": timeout_s}
@@ -464,17 +639,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child:
         serve_child(json.loads(args.child))
         return 0
+    if args.client_cpus:
+        os.sched_setaffinity(0, cpu_list(args.client_cpus))  # hey, curl and the load processes inherit it
+    if args.refusal_cost:
+        line = refusal_cost(args)
+        command = "python bench/overload.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        print(f"`{command}` — load average {os.getloadavg()[0]:.1f}: {line}")
+        return 0
     rows = scenarios(args)
     engine = (
         f"fake engine, {args.batch_ms:g} ms per batch + {args.image_ms:g} ms per image"
         if args.fake
         else "the embedded default model"
     )
-    command = "python bench/overload.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/overload.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     report = (
         f"`{command}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {engine}, "
-        f"max_batch_size {args.max_batch_size}, {os.cpu_count()} CPUs (load average "
-        f"{os.getloadavg()[0]:.1f} at the end)\n\n{table(rows)}\n"
+        f"max_batch_size {args.max_batch_size}, {os.cpu_count()} CPUs, server on CPUs "
+        f"{args.server_cpus or 'any'}, load from {args.client_processes} processes on CPUs "
+        f"{args.client_cpus or 'any'} (load average {os.getloadavg()[0]:.1f} at the end)\n\n{table(rows)}\n"
     )
     print(report)
     if args.out:

@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw
 
 from distill.common import need
+from distill.domain import IMAGE_SIZE, WORDS
 from distill.models import build_scheduler
 from distill.onepass import one_pass
 from distill.sampling import decode, initial_noise
@@ -40,6 +41,18 @@ GRID_PROMPTS = (
     "a purple square at the top on a green background",
 )
 GRID_SEEDS = (0, 1, 2, 3)
+
+
+def model_card(variant: str) -> dict[str, object]:
+    """`distill.json`: how the model was made, and what the engine reads to say what it draws well
+    (engine.card: the size it was trained at, the words its captions used)."""
+    return {
+        "variant": variant,
+        "steps": 4,
+        "guidance": "distilled (none at inference)",
+        "trained_sizes": [f"{IMAGE_SIZE}x{IMAGE_SIZE}"],
+        "vocabulary": list(WORDS),
+    }
 
 
 def judge_beside(out: Path) -> Path:
@@ -69,9 +82,7 @@ def ship(workdir: Path, variant: str, out: Path, judge_out: Path) -> Path:
     pipe.save_pretrained(str(out), safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # the slow CLIPTokenizer (transformers 4) reads these
         shutil.copyfile(workdir / "tokenizer" / name, out / "tokenizer" / name)
-    (out / "distill.json").write_text(
-        json.dumps({"variant": variant, "steps": 4, "guidance": "distilled (none at inference)"}, indent=2)
-    )
+    (out / "distill.json").write_text(json.dumps(model_card(variant), indent=2))
     judge_out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(need(workdir / "judge" / "judge.safetensors", "judge"), judge_out)
     log.info("shipped %s student to %s", variant, out)

@@ -243,8 +243,17 @@ def ship_tiny_decoder(workdir: Path, out: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
+    drop_unexpected_config(dest / "config.json")
     log.info("shipped the tiny decoder to %s", dest)
     return dest
+
+
+def drop_unexpected_config(config_path: Path) -> None:
+    """AutoencoderTiny records `block_out_channels` (a copy of `decoder_block_out_channels`) in the config it
+    saves but warns about it on load; the shipped config leaves it out (the loaded model sets it again)."""
+    config = json.loads(config_path.read_text())
+    if config.pop("block_out_channels", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()

@@ -15,9 +15,10 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from engine.card import ModelCard, read_card
 from engine.config import EngineConfig
 from engine.denoiser import check_unet_supported
-from engine.errors import ModelLoadError
+from engine.errors import BackendUnavailableError, ModelLoadError
 from engine.files import COMPONENTS, TINY_DECODER, folder_content_hash
 from engine.schedule import DDIMChain
 from engine.types import Decoder
@@ -41,6 +42,7 @@ class Components:
     chain: DDIMChain
     vae_tiny: AutoencoderTiny | None = None
     vae_tiny_path: Path | None = None
+    card: ModelCard = ModelCard()  # what the folder says it draws well (engine.card)
 
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -86,6 +88,49 @@ def check_model_dir(path: Path) -> None:
             missing.append(f"{name}/" + (config or ""))
     if missing:
         raise ModelLoadError(f"{path} is missing pipeline components: {', '.join(missing)}")
+
+
+def check_device(device: str) -> None:
+    """A device torch can use here; BackendUnavailableError naming the fix otherwise (never torch's
+    assertion from deep inside a `.to()`)."""
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BackendUnavailableError(
+            f"device {device!r} is not a torch device: use cpu, cuda or cuda:N"
+        ) from None
+    if wanted.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__} " + (
+                "has no CUDA GPU to use" if torch.version.cuda else "is built without CUDA"
+            )
+            raise BackendUnavailableError(
+                f"device {device} was asked for, but {build}; use --device cpu (TIUE_DEVICE)"
+            )
+        if wanted.index is not None and wanted.index >= torch.cuda.device_count():
+            raise BackendUnavailableError(
+                f"device {device} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+
+
+def check_config(config: EngineConfig) -> None:
+    """What can be checked without loading weights: the device, the model folder, its tiny decoder.
+    `tiue serve` runs it before binding its port, so a typo fails in one line, not after start-up."""
+    check_device(config.device)
+    if config.model_dir is None:
+        check_default_model()
+    else:
+        check_model_dir(Path(config.model_dir))
+    path = Path(config.model_dir) if config.model_dir is not None else default_model_dir()
+    tiny_decoder_folder(path, config.tiny_decoder_dir, config.decoder is Decoder.TINY)
+
+
+def check_default_model() -> None:
+    if not (default_model_dir() / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the embedded default model is missing from this installation ({default_model_dir()}); "
+            "pass --model or set TIUE_MODEL_DIR to a diffusers pipeline folder"
+        )
 
 
 def vae_scale(vae: AutoencoderKL) -> int:
@@ -148,12 +193,10 @@ def load_components(
 ) -> Components:
     """The pipeline folder's parts, and its tiny decoder where one is present (see tiny_decoder_folder)."""
     path = Path(model_dir) if model_dir is not None else default_model_dir()
-    if model_dir is None and not (path / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"the embedded default model is missing from this installation ({path}); "
-            "pass --model or set TIUE_MODEL_DIR to a diffusers pipeline folder"
-        )
+    if model_dir is None:
+        check_default_model()
     check_model_dir(path)
+    card = read_card(path)
     kw: dict[str, Any] = {"local_files_only": True}
     try:
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -189,12 +232,13 @@ def load_components(
             module.to(device).eval().requires_grad_(False)
     name = "default" if path == SHIPPED_DEFAULT else path.name
     return Components(
-        name, path, unet, vae, text_encoder, tokenizer, scheduler_config, chain, tiny, tiny_path
+        name, path, unet, vae, text_encoder, tokenizer, scheduler_config, chain, tiny, tiny_path, card
     )
 
 
 def load_configured(config: EngineConfig) -> Components:
     """The components `config` names, its tiny decoder required when it is the server's default."""
+    check_config(config)
     return load_components(
         config.model_dir,
         config.precision.torch_dtype,

@@ -5,7 +5,9 @@ The math lives here once; backends only run the three compute stages.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -36,6 +38,7 @@ from engine.types import (
     GeneratedImage,
     GenerationRequest,
     ModelInfo,
+    Precision,
     TorchCompile,
 )
 
@@ -62,6 +65,11 @@ class TiUEPipeline:
         if config.decoder not in decoders:
             raise ModelLoadError(f"decoder {config.decoder.value} is not loaded; loaded: {_names(decoders)}")
         self._warmed = False  # set by warmup(): from then on a compiled pipeline compiles nothing more
+        # A fast tokenizer keeps its padding/truncation settings in mutable state: shared by the device
+        # thread (padded batches) and the event loop (counting for admission), one call can run with the
+        # other's settings and fail. The device thread owns `components.tokenizer`; counting has its own.
+        self._counting_tokenizer = copy.deepcopy(components.tokenizer)
+        self._counting_lock = threading.Lock()
         self.prompt_cache = PromptCache(config.prompt_cache_size)
         self._warming = False  # warm-up encodes every bucket's batch, bypassing the prompt cache
         self.info = ModelInfo(
@@ -75,6 +83,8 @@ class TiUEPipeline:
             default_size=self.dims.default_size,
             decoders=decoders,
             default_decoder=config.decoder,
+            trained_sizes=components.card.trained_sizes or ((self.dims.default_size,) * 2,),
+            vocabulary=components.card.vocabulary,
             safety_checker=safety_checker is not None,
         )
 
@@ -105,8 +115,10 @@ class TiUEPipeline:
         return decoder
 
     def count_tokens(self, prompt: str) -> int:
-        """Tokens including BOS/EOS, before truncation to the text encoder's window."""
-        return len(self.components.tokenizer(prompt, truncation=False).input_ids)
+        """Tokens including BOS/EOS, before truncation to the text encoder's window. Safe to call from any
+        thread while batches run (the device thread's tokenizer is never touched)."""
+        with self._counting_lock:
+            return len(self._counting_tokenizer(prompt, truncation=False).input_ids)
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -318,6 +330,11 @@ def load_pipeline(
 ) -> TiUEPipeline:
     """Load the checkpoint named by `config` (or the embedded default) onto the chosen backend."""
     started = time.perf_counter()
+    if config.precision is Precision.FP16 and config.device.split(":")[0] == "cpu":
+        log.warning(
+            "precision fp16 on a CPU runs many times slower than fp32 (CPUs lack fast half-precision "
+            "kernels); use --precision fp32 (TIUE_PRECISION) there"
+        )
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     components = load_configured(config)

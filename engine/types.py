@@ -189,6 +189,8 @@ class ModelInfo:
     default_size: int  # pixels, the UNet's native sample size times the VAE factor
     decoders: tuple[Decoder, ...] = (Decoder.FULL,)  # the decoders loaded
     default_decoder: Decoder = Decoder.FULL  # what a request that names none gets
+    trained_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) it draws well; (): not known
+    vocabulary: tuple[str, ...] | None = None  # the words it was trained on; None: not known (any words)
     safety_checker: bool = False  # images pass a safety checker (and `moderation` is honoured)
 
     def decoder_for(self, wanted: Decoder | None) -> Decoder:

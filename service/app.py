@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from engine.config import EngineConfig
 from engine.errors import EngineError
-from service.edge.caller import ClientMiddleware
+from service.edge.caller import ClientMiddleware, EarlyRefusalMiddleware
 from service.edge.middleware import (
     BodyLimitMiddleware,
     InFlightMiddleware,
@@ -130,6 +130,9 @@ def create_app(
         paths=generation,
         limit=settings.max_in_flight,
         metrics=state.metrics,
+    )
+    app.add_middleware(
+        EarlyRefusalMiddleware, check=state.refuse_early, metrics=state.metrics, paths=generation
     )
     keyed = RoutePaths.of(images.router, models.router)  # behind the API key, when keys are set
     app.add_middleware(ClientMiddleware, api_keys=state.api_keys, metrics=state.metrics, paths=keyed)

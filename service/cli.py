@@ -226,8 +226,18 @@ _REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tiue-serve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiue", description="TiUE text-to-image: serve and tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in _REGISTRARS:
         register(subparsers)
@@ -271,12 +281,40 @@ def _settings_or_exit(args: argparse.Namespace, fields: Iterable[str]) -> Settin
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from engine.cli import generate_image
+    from engine.cli import check_out, generate_image
 
+    problem = check_out(args.out)  # before any work: a typo in --out must not cost a model load
+    if problem is not None:
+        print(f"tiue generate: {problem}", file=sys.stderr)
+        return 2
     settings = _settings_or_exit(args, ENGINE_FIELDS)
     if settings is None:
         return 2
+    _quiet_libraries()
     return generate_image(settings.engine, args.prompt, args.seed, args.size, args.out)
+
+
+def _quiet_libraries() -> None:
+    """Warnings (ours, one line each) on stderr; the model libraries' progress bars and notes only at debug."""
+    from service.edge.logs import LogFormat, configure_logging
+
+    configure_logging("warning", LogFormat.TEXT)
+
+
+def _preflight(settings: Settings) -> str | None:
+    """Each model's device and folder checked before the port is bound; the first problem, or None."""
+    from dataclasses import replace
+
+    from engine.errors import EngineError
+    from engine.loading import check_config
+
+    config = settings.engine
+    for _name, folder in settings.model_dirs():
+        try:
+            check_config(replace(config, model_dir=folder))
+        except EngineError as exc:
+            return str(exc)
+    return None
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -323,6 +361,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_level.value, settings.log_format)
+    problem = _preflight(settings)
+    if problem is not None:
+        print(f"tiue serve: {problem}", file=sys.stderr)
+        return 2
 
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from engine.errors import InvalidRequestError
-from service.edge.logs import current_request, request_id
+from service.edge.logs import current_request, printable, request_id
 from service.metrics import NO_MODEL, ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -82,9 +82,27 @@ class UnsupportedMediaType(ServiceError):
 
 
 class PayloadTooLarge(ServiceError):
+    """Answered once the body is read and dropped (up to a bound), then the connection is closed."""
+
     status_code = 413
     error_type = "invalid_request_error"
     reason = "invalid"
+
+    def __init__(self, message: str, *, param: str | None = "body"):
+        super().__init__(message, param=param, headers={"Connection": "close"})
+
+
+class MalformedRequest(ServiceError):
+    """The request's framing or headers are ambiguous (a smuggling risk behind a proxy): answered, then the
+    connection is closed, since where the next request would start is not known."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    reason = "invalid"
+
+    def __init__(self, message: str, *, status_code: int = 400):
+        super().__init__(message, headers={"Connection": "close"})
+        self.status_code = status_code
 
 
 class Unauthorized(ServiceError):
@@ -252,10 +270,10 @@ def error_body(exc: BaseException, metrics: ServiceMetrics | None) -> tuple[Serv
     if error.reason is not None and metrics is not None:
         record = current_request()
         metrics.rejected.labels(reason=error.reason, model=record.model if record else NO_MODEL).inc()
-    detail: dict[str, str | None] = {
-        "message": error.message,
+    detail: dict[str, str | None] = {  # messages and params may quote the request: escaped, any code point
+        "message": printable(error.message),
         "type": error.error_type,
-        "param": error.param,
+        "param": None if error.param is None else printable(error.param),
         "code": error.reason,
     }
     rid = request_id()

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Message
 
+from engine.card import fit_warnings
 from engine.types import (
     DEVICE_STAGES,
     Decoder,
@@ -34,13 +35,13 @@ from service.errors import (
 from service.images import OutputFormat, encode_image
 from service.metrics import IMAGE_ENCODE
 from service.models import ServedModel
+from service.scheduling.admission import device_deadline
 from service.scheduling.batcher import ItemResult, MicroBatcher
 from service.schemas import GenerateRequest, OpenAIImageRequest
 from service.settings import PromptPolicy, Settings
 from service.state import ServiceState
 
 ImageRequestBody = GenerateRequest | OpenAIImageRequest
-ANSWER_MARGIN = 0.1  # of the timeout (at most 1 s), kept for encoding and sending the images
 T = TypeVar("T")
 
 
@@ -226,24 +227,25 @@ def submit_job(state: ServiceState, job: Job, caller: Caller) -> Submitted:
     started = time.perf_counter()
     model, request, n = job.model, job.request, len(job.images)
     model.pipeline.validate(request)  # its images differ only in their seeds, each within range
-    tokens = model.pipeline.count_tokens(request.prompt)
-    warnings = prompt_warnings(state, request.prompt, model.info, tokens) + list(job.warnings)
 
     timeout = state.settings.request_timeout_s
     deadline = caller.arrived + timeout
-    # The images must be made early enough to be encoded and sent within the timeout.
-    device_deadline = deadline - min(ANSWER_MARGIN * timeout, 1.0)
+    images_by = device_deadline(caller.arrived, timeout)
     key = request.batch_key
     with state.tracing.span("admission", images=n):
         cost = state.admission.admit(
-            caller.client, key, n, device_deadline, model.info.size_multiple, cost_model=model.cost
+            caller.client, key, n, images_by, model.info.size_multiple, cost_model=model.cost
         )
+    # Counted once admitted: a refused request is never tokenized (under overload, most are refused).
+    tokens = model.pipeline.count_tokens(request.prompt)
+    warnings = prompt_warnings(state, request.prompt, model.info, tokens) + list(job.warnings)
+    warnings += fit_warnings(model.info, request.prompt, key.width, key.height)
     seeds = [image.seed for image in job.images]
     annotate(images=n, size=f"{key.width}x{key.height}", seeds=seeds, decoder=job.decoder.value)
     futures = state.batcher.submit(
         model,
         job.images,
-        device_deadline,
+        images_by,
         client=caller.client,
         request_id=request_id() or "",
         cost_s=cost,

@@ -140,6 +140,17 @@ class ServiceMetrics:
             "Connections closed as soon as accepted, because TIUE_MAX_CONNECTIONS were open.",
             registry=r,
         )
+        self.connections_refused_per_address = Counter(
+            "tiue_connections_refused_per_address",
+            "Connections closed as soon as accepted, because their address had "
+            "TIUE_MAX_CONNECTIONS_PER_ADDRESS open.",
+            registry=r,
+        )
+        self.connections_evicted = Counter(
+            "tiue_connections_evicted",
+            "Connections waiting for a request (idle or still sending headers) closed to make room for a new one.",
+            registry=r,
+        )
         self.connections_timed_out = Counter(
             "tiue_connections_timed_out",
             "Connections closed because a request's headers took longer than TIUE_HEADER_TIMEOUT_S.",

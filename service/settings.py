@@ -125,6 +125,24 @@ class Settings(_EngineSettings):
         description="open TCP connections; one more is closed as soon as accepted (a few extra serve only "
         "the health routes). Default: the open-file limit less a reserve, at most 1024",
     )
+    max_connections_per_address: int | None = Field(
+        default=None,
+        ge=1,
+        description="open TCP connections from one client address; more are closed as soon as accepted "
+        "(default: an eighth of max_connections). Addresses in forwarded_allow_ips are exempt",
+    )
+    forwarded_allow_ips: str = Field(
+        default="",
+        description="proxies whose X-Forwarded-For / X-Forwarded-Proto are believed: comma-separated "
+        "addresses or CIDR ranges, or * (unset: none; a client's own address is its identity)",
+    )
+    event_loop_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="once ready, the HTTP event loop's (and encoding threads') nice value above the device "
+        "thread's: under a flood of requests the device keeps its CPU (0: equal shares)",
+    )
     max_in_flight: int = Field(
         default=256,
         ge=1,
@@ -224,6 +242,13 @@ class Settings(_EngineSettings):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return [parse_size(v, square=True) if isinstance(v, str) else v for v in value]
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        from service.edge.connections import TrustedProxies  # noqa: PLC0415 - it imports settings' neighbours
+
+        return TrustedProxies(value).spec
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
@@ -301,6 +326,7 @@ class Settings(_EngineSettings):
         "max_size",
         "max_queue_s",
         "rate_limit_burst",
+        "max_connections_per_address",
         mode="before",
     )
     @classmethod
@@ -342,6 +368,12 @@ class Settings(_EngineSettings):
     def size_limit(self, native_size: int) -> int:
         """The largest width or height served: the setting, else twice the model's native size."""
         return self.max_size if self.max_size is not None else 2 * native_size
+
+    def per_address_limit(self, max_connections: int) -> int:
+        """The connections one client address may hold: the setting, else an eighth of the total cap."""
+        if self.max_connections_per_address is not None:
+            return self.max_connections_per_address
+        return max(1, max_connections // 8)
 
     @property
     def max_wait_s(self) -> float:

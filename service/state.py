@@ -13,10 +13,11 @@ from typing import TypeVar
 
 from engine.types import BatchKey
 from service.edge.auth import ApiKeys
+from service.edge.caller import Caller
 from service.errors import ModelNotFound, NotReady, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.models import Models, ModelSpec, ServedModel
-from service.scheduling.admission import Admission
+from service.scheduling.admission import Admission, device_deadline
 from service.scheduling.batcher import MicroBatcher
 from service.scheduling.worker import DeviceWorker
 from service.settings import Settings
@@ -72,8 +73,20 @@ class ServiceState:
     def require_model(self, name: str | None) -> ServedModel:
         """The model called `name` (None: the default) when taking work; otherwise 503 (loading, failed,
         or shutting down), or 404 for a name this server does not serve."""
+        self.require_ready()
+        return self.models.get(name)
+
+    def refuse_early(self, caller: Caller) -> None:
+        """Before a generation request's body is read: the 503 or 429 it would get whatever it asks for."""
+        self.require_ready()
+        settings = self.settings
+        deadline = device_deadline(caller.arrived, settings.request_timeout_s)
+        key = BatchKey(settings.min_size, settings.min_size)
+        self.admission.refuse_early(caller.client, deadline, [model.cost for model in self.models], key)
+
+    def require_ready(self) -> None:
         if self.phase is Phase.READY:
-            return self.models.get(name)
+            return
         if self.phase is Phase.DRAINING:
             raise ShuttingDown("the server is shutting down and takes no new work")
         if self.phase is Phase.FAILED:

@@ -1,10 +1,11 @@
 """Who is calling, and since when: the API key check (before the body is read), the client's identity
-for the fair queue and the rate limiter, and the arrival time every deadline counts from."""
+for the fair queue and the rate limiter, the arrival time every deadline counts from, and the refusals
+that can be told from those alone."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -50,4 +51,27 @@ class ClientMiddleware:
             host = scope.get("client") or ("unknown", 0)
             key = f"addr:{host[0]}"
         scope.setdefault("state", {})["caller"] = Caller(key, arrived)
+        await self.app(scope, receive, send)
+
+
+class EarlyRefusalMiddleware:
+    """For the generation routes, once the caller is known and before the body is read, parsed or its
+    prompt tokenized: the refusal (503 not ready, 429 rate limit, queue full, over its share, too late)
+    that any request from this caller would get now. Under overload most requests end here, cheaply."""
+
+    def __init__(
+        self, app: ASGIApp, check: Callable[[Caller], None], metrics: ServiceMetrics, paths: Container[str]
+    ):
+        self.app = app
+        self.check = check
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            try:
+                self.check(Caller.of(scope))
+            except ServiceError as exc:
+                await error_response(exc, self.metrics)(scope, receive, send)
+                return
         await self.app(scope, receive, send)

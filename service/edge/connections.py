@@ -1,12 +1,17 @@
-"""Connection limits uvicorn lacks: a cap on open connections, a header timeout, and accept errors
-(out of file descriptors) that become one log line per interval instead of a traceback per attempt."""
+"""Connection limits uvicorn lacks: a cap on open connections and on those of one address (connections
+waiting for a request are closed first to make room), a header timeout, JSON answers to malformed requests,
+and accept errors (out of file descriptors) that become one log line per interval, not a traceback each."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
+import sys
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from enum import Enum
 from http import HTTPStatus
@@ -17,7 +22,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.errors import Overloaded, RequestTimeout, ShuttingDown, error_response
+from service.edge.logs import RequestRecord, log_access, request_context
+from service.errors import MalformedRequest, Overloaded, RequestTimeout, ShuttingDown, error_response
 from service.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -60,8 +66,40 @@ class Slot(Enum):
     REFUSE = "refuse"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TrustedProxies:
+    """TIUE_FORWARDED_ALLOW_IPS: the addresses whose forwarded headers are believed ("*": any, "": none)."""
+
+    def __init__(self, spec: str):
+        entries = [part.strip() for part in spec.split(",") if part.strip()]
+        self.spec = ",".join(entries)
+        self.any = "*" in entries
+        self.networks: list[Network] = []
+        for entry in entries:
+            if entry != "*":
+                try:
+                    self.networks.append(ipaddress.ip_network(entry, strict=False))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"forwarded_allow_ips: '{entry}' is not an address or CIDR range"
+                    ) from exc
+
+    def __contains__(self, host: object) -> bool:
+        if self.any:
+            return True
+        try:
+            address = ipaddress.ip_address(str(host))
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
 class ConnectionGuard:
-    """What every connection of one server shares: the count against the cap, timeouts, draining, logs."""
+    """What every connection of one server shares: the counts against the caps (all, and per address),
+    timeouts, draining, logs. Connections waiting for a request are closed to make room before any is
+    refused; a trusted proxy (TIUE_FORWARDED_ALLOW_IPS) carries many clients and has no per-address cap."""
 
     def __init__(
         self,
@@ -70,30 +108,71 @@ class ConnectionGuard:
         header_timeout_s: float,
         probe_paths: frozenset[str],
         metrics: ServiceMetrics,
+        max_per_address: int | None = None,
+        trusted: TrustedProxies | None = None,
     ):
         self.max_connections = max_connections
+        self.max_per_address = max_per_address or max_connections
+        self.trusted = trusted or TrustedProxies("")
         self.header_timeout_s = header_timeout_s
         self.probe_paths = probe_paths
         self.metrics = metrics
-        self.open = 0
+        self.open = 0  # serving + probes only
+        self.probing = 0  # open over the cap, for the health routes only
+        self.by_address: Counter[str] = Counter()
+        self.connections: dict[GuardedH11Protocol, str] = {}  # counted ones, oldest first
         self.draining = False  # every answer then closes its connection, so clients reconnect elsewhere
         metrics.open_connections.set_function(lambda: self.open)
         self.refusals = EveryInterval(self._log_refusals)
+        self.address_refusals = EveryInterval(self._log_address_refusals)
         self.accept_errors = EveryInterval(self._log_accept_errors)
 
-    def admit(self) -> Slot:
-        if self.open >= self.max_connections + PROBE_SLOTS:
+    def admit(self, connection: GuardedH11Protocol, address: str) -> Slot:
+        if self.by_address[address] >= self.max_per_address and address not in self.trusted:
+            self.metrics.connections_refused_per_address.inc()
+            self.address_refusals.note()
+            return Slot.REFUSE
+        if self.open - self.probing >= self.max_connections:
+            self._evict_one_waiting()
+        if self.open - self.probing < self.max_connections:
+            slot = Slot.SERVE
+        elif self.probing < PROBE_SLOTS:
+            slot = Slot.PROBES_ONLY
+            self.probing += 1
+        else:
             self.metrics.connections_refused.inc()
             self.refusals.note()
             return Slot.REFUSE
         self.open += 1
-        return Slot.SERVE if self.open <= self.max_connections else Slot.PROBES_ONLY
+        self.by_address[address] += 1
+        self.connections[connection] = address
+        return slot
 
-    def release(self) -> None:
+    def release(self, connection: GuardedH11Protocol) -> None:
+        address = self.connections.pop(connection, None)
+        if address is None:
+            return
         self.open -= 1
+        self.probing -= connection.probes_only
+        self.by_address[address] -= 1
+        if not self.by_address[address]:
+            del self.by_address[address]
+
+    def _evict_one_waiting(self) -> None:
+        """Close the oldest connection that waits for a request (kept alive, or still sending headers),
+        from the address that holds the most: the cheapest to lose, and one a client reopens at will."""
+        victim = max(
+            (c for c in self.connections if not c.probes_only and c.waiting_for_request()),
+            key=lambda c: self.by_address[self.connections[c]],
+            default=None,
+        )
+        if victim is not None:
+            self.metrics.connections_evicted.inc()
+            victim.evict()
 
     def flush_logs(self) -> None:
         self.refusals.flush()
+        self.address_refusals.flush()
         self.accept_errors.flush()
 
     def exception_handler(
@@ -128,6 +207,15 @@ class ConnectionGuard:
             self.max_connections,
         )
 
+    def _log_address_refusals(self, count: int, interval_s: float) -> None:
+        logger.warning(
+            "%d connections refused in the last %.0f s: their address had %d open, the limit for one "
+            "address (TIUE_MAX_CONNECTIONS_PER_ADDRESS; behind a proxy, set TIUE_FORWARDED_ALLOW_IPS)",
+            count,
+            interval_s,
+            self.max_per_address,
+        )
+
     def _log_accept_errors(self, count: int, interval_s: float) -> None:
         logger.error(
             "accept() failed %d times in the last %.0f s: out of file descriptors, %d connections open "
@@ -159,27 +247,40 @@ class GuardedH11Protocol(H11Protocol):
         self.app = self._guarded(self.app)
         self._header_timer: asyncio.TimerHandle | None = None
         self._counted = False
-        self._probes_only = False
+        self.probes_only = False  # set before the guard counts it: the guard reads it on release
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        slot = self.guard.admit()
+        slot = self.guard.admit(self, self.client[0] if self.client else "")
         if slot is Slot.REFUSE:
             transport.abort()  # no FIN handshake to wait for, no buffered bytes to flush
             return
         self._counted = True
-        self._probes_only = slot is Slot.PROBES_ONLY
+        self.probes_only = slot is Slot.PROBES_ONLY
         self._arm_header_timer()
+
+    def waiting_for_request(self) -> bool:
+        """No request is being handled: a fresh or kept-alive connection, or one still sending headers."""
+        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+    def evict(self) -> None:
+        """Closed to make room: no longer counted from now on (its connection_lost comes later)."""
+        self._release()
+        self._cancel_header_timer()
+        self.transport.close()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.guard.release(self)
 
     def _header_timeout_s(self) -> float:
         limit = self.guard.header_timeout_s
-        return min(limit, PROBE_HEADER_TIMEOUT_S) if self._probes_only else limit
+        return min(limit, PROBE_HEADER_TIMEOUT_S) if self.probes_only else limit
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
-        if self._counted:
-            self._counted = False
-            self.guard.release()
+        self._release()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -188,6 +289,24 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_header_timer()  # the headers are in (or the request was refused)
         elif self._header_timer is None and not self.transport.is_closing():
             self._arm_header_timer()  # the first bytes of the next request on a kept-alive connection
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (garbage request line, conflicting Content-Length, TE other than
+        chunked...): the JSON error every other answer has, with a request ID that its log line carries,
+        instead of uvicorn's plain text. Called inside h11's `except`, so the error is at hand."""
+        error = sys.exc_info()[1]
+        status = getattr(error, "error_status_hint", 400)
+        reason = f": {error}" if isinstance(error, h11.RemoteProtocolError) and str(error) else ""
+        record = RequestRecord(uuid.uuid4().hex, "-", "-", _peer(self.client), time.perf_counter())
+        with request_context(record):
+            bad = MalformedRequest(f"the request is not valid HTTP/1.1{reason}", status_code=status)
+            response = error_response(bad, self.guard.metrics)
+            response.headers["x-request-id"] = record.request_id
+            log_access(record, status, time.perf_counter() - record.started)
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(response))
+            self.transport.close()
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self._header_timeout_s(), self._header_timeout)
@@ -219,9 +338,9 @@ class GuardedH11Protocol(H11Protocol):
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
-            if self._probes_only or guard.draining:
+            if self.probes_only or guard.draining:
                 send = _closing(send)
-            if self._probes_only and scope["path"] not in guard.probe_paths:
+            if self.probes_only and scope["path"] not in guard.probe_paths:
                 busy = Overloaded(f"{guard.max_connections} connections are open (TIUE_MAX_CONNECTIONS)")
                 await error_response(busy, guard.metrics)(scope, receive, send)
                 return
@@ -249,6 +368,10 @@ class GuardedH11Protocol(H11Protocol):
 def protocol_class(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
     """The protocol class to pass as uvicorn's `Config(http=...)`, its connections bound to `guard`."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+
+
+def _peer(client: tuple[str, int] | None) -> str | None:
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 def _raw_response(response: Response) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -21,7 +22,25 @@ from typing import Any
 
 ACCESS_LOGGER = "tiue.access"
 _LIBRARIES = ("transformers.utils.logging", "diffusers.utils.logging")  # each has its own stderr handler
+_QUIET_LOGGERS = ("py.warnings", "transformers", "diffusers")  # their warnings go out at DEBUG
 _IN_ACCESS_MESSAGE = frozenset({"method", "route", "status", "duration_s"})  # not repeated in text lines
+
+
+# Characters that must never reach a log line or an answer raw: C0/C1 controls and DEL (a terminal
+# escape, a NUL, a newline that forges a line), Unicode line/paragraph separators, the bidi overrides
+# that reorder what a reader sees, and lone surrogates (no encoding can write them).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every character above written as a Python escape (`\\x1b`, `\\ud800`): one line, any
+    encoding, nothing a terminal acts on. Everything else, non-ASCII letters included, stays as it is."""
+    return _UNPRINTABLE.sub(_escape, text) if _UNPRINTABLE.search(text) else text
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class LogFormat(str, Enum):
@@ -129,7 +148,10 @@ class JsonFormatter(logging.Formatter):
             out["traceback"] = record.exc_text
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        line = json.dumps(out, default=str, ensure_ascii=False)
+        # json.dumps escapes C0 controls but leaves a lone surrogate raw, which no UTF-8 stream can write:
+        # as `\\udXXX` it is a JSON escape again, so the line stays valid JSON.
+        return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class TextFormatter(logging.Formatter):
@@ -148,7 +170,7 @@ class TextFormatter(logging.Formatter):
                 if key not in _IN_ACCESS_MESSAGE and value is not None
             )
         rid = getattr(record, "request_id", None)
-        return f"{line} [{rid}]" if rid else line
+        return printable(f"{line} [{rid}]" if rid else line)
 
 
 def _text(value: Any) -> str:
@@ -159,9 +181,22 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+class LibraryWarningFilter(logging.Filter):
+    """Warnings from the model libraries and Python's `warnings` (deprecations, config notes) are for
+    whoever debugs the service, not for its operator: written at DEBUG, so shown only at that level.
+    Their errors keep their level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.name.startswith(_QUIET_LOGGERS):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def make_handler(fmt: LogFormat, stream: Any = None) -> logging.Handler:
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(LibraryWarningFilter())
     handler.setFormatter(JsonFormatter() if fmt is LogFormat.JSON else TextFormatter())
     return handler
 
@@ -193,5 +228,4 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
             continue
         library.disable_default_handler()
         library.enable_propagation()
-        if fmt is LogFormat.JSON:
-            library.disable_progress_bar()  # tqdm writes to stderr directly, and not in lines
+        library.disable_progress_bar()  # tqdm ("Loading weights") writes to stderr directly, not in lines

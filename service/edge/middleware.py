@@ -7,14 +7,14 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.edge.logs import RequestRecord, log_access, request_context
 from service.edge.paths import RoutePaths
-from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, error_response
+from service.errors import MalformedRequest, Overloaded, PayloadTooLarge, RequestTimeout, error_response
 from service.metrics import ServiceMetrics
 from service.tracing import Tracing
 
@@ -63,6 +63,10 @@ class RequestMetricsMiddleware:
 
         with request_context(record):
             try:
+                malformed = framing_error(scope["headers"])
+                if malformed is not None:
+                    await error_response(malformed, self.metrics)(scope, receive, send_and_record)
+                    return
                 await self.app(scope, receive, send_and_record)
             except Exception as exc:
                 if response_started:
@@ -75,6 +79,21 @@ class RequestMetricsMiddleware:
                     route=route, status=str(status), model=record.model
                 ).observe(duration)
                 log_access(record, status, duration, quiet=quiet)
+
+
+_ONCE = (b"authorization", b"content-type")  # a second one: which would a proxy have read?
+
+
+def framing_error(headers: list[tuple[bytes, bytes]]) -> MalformedRequest | None:
+    """What h11 lets through but a proxy in front may read otherwise (request smuggling): a body framed both
+    by Content-Length and Transfer-Encoding, or a header that must come once given twice."""
+    names = [name for name, _ in headers]
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return MalformedRequest("send either Content-Length or Transfer-Encoding, not both")
+    for name in _ONCE:
+        if names.count(name) > 1:
+            return MalformedRequest(f"the {name.decode().title()} header is given {names.count(name)} times")
+    return None
 
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -138,6 +157,9 @@ class InFlightMiddleware:
             self.active -= 1
 
 
+DISCARD_BYTES = 16 * 2**20  # of a body over the limit, read and dropped so that the 413 can be read
+
+
 class BodyLimitMiddleware:
     """413 for a body over `max_bytes`, whether announced by Content-Length or streamed; never buffers more.
     408 for a body not received whole within `timeout_s` (a stalled client holds nothing for longer)."""
@@ -152,13 +174,20 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            # Read and drop a body of up to DISCARD_BYTES first: closing with unread bytes resets the
+            # connection, and the client would never read the 413. One that asked before sending
+            # (Expect: 100-continue) or is larger gets the answer at once.
+            if int(length) <= DISCARD_BYTES and headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._discard(receive)
             await error_response(self._too_large(), self.metrics)(scope, receive, send)
             return
         try:
             body = await asyncio.wait_for(self._read(receive), self.timeout_s)
         except PayloadTooLarge as exc:
+            await self._discard(receive)
             await error_response(exc, self.metrics)(scope, receive, send)
             return
         except asyncio.TimeoutError:
@@ -185,8 +214,23 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
+    async def _discard(self, receive: Receive) -> None:
+        """Read and drop the rest of the body, up to DISCARD_BYTES and the body timeout."""
+        dropped = 0
+
+        async def drop() -> None:
+            nonlocal dropped
+            while dropped <= DISCARD_BYTES:
+                message = await receive()
+                dropped += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(drop(), self.timeout_s)
+
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes", param="body")
+        return PayloadTooLarge(f"the request body is larger than {self.max_bytes} bytes")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

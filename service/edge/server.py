@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import socket
+import threading
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
-from service.edge.connections import ConnectionGuard, protocol_class
+from service.edge.connections import ConnectionGuard, TrustedProxies, protocol_class
 from service.routes import health
 from service.settings import FD_RESERVE, Settings
 from service.state import ServiceState
@@ -40,11 +42,27 @@ class TiueServer(uvicorn.Server):
         self._loop = loop = asyncio.get_running_loop()
         previous = loop.get_exception_handler()
         loop.set_exception_handler(self.guard.exception_handler(previous))
+        yielding = loop.create_task(self._yield_to_device(), name="tiue-nice")
         try:
             await super().serve(sockets)
         finally:
+            yielding.cancel()
             loop.set_exception_handler(previous)
             self.guard.flush_logs()
+
+    async def _yield_to_device(self) -> None:
+        """Once ready (the device thread exists, at nice 0), lower this thread's priority by
+        TIUE_EVENT_LOOP_NICE: on a busy CPU, answering (and refusing) requests must not take the device's
+        time. Threads started from here later (image encoding) inherit it. Linux only; never raised back."""
+        nice = self.state.settings.event_loop_nice
+        if not nice:
+            return
+        await self.state.ready.wait()
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except (AttributeError, OSError) as exc:
+            logger.info("the event loop keeps its priority (TIUE_EVENT_LOOP_NICE=%d: %s)", nice, exc)
 
     async def on_tick(self, counter: int) -> bool:
         self.guard.flush_logs()  # a count held back by the log interval goes out within 0.1 s of its end
@@ -108,11 +126,15 @@ def connection_limit(settings: Settings, open_files: int) -> int:
 def build_server(app: FastAPI, settings: Settings) -> TiueServer:
     """The uvicorn server for `app` (from `create_app`), with the connection limits and the drain."""
     state: ServiceState = app.state.tiue
+    max_connections = connection_limit(settings, raise_open_file_limit())
+    trusted = TrustedProxies(settings.forwarded_allow_ips)
     guard = ConnectionGuard(
-        max_connections=connection_limit(settings, raise_open_file_limit()),
+        max_connections=max_connections,
         header_timeout_s=settings.header_timeout_s,
         probe_paths=frozenset(getattr(route, "path", "") for route in health.router.routes),
         metrics=state.metrics,
+        max_per_address=settings.per_address_limit(max_connections),
+        trusted=trusted,
     )
     config = uvicorn.Config(
         app,
@@ -123,6 +145,10 @@ def build_server(app: FastAPI, settings: Settings) -> TiueServer:
         log_level=settings.log_level.value,
         access_log=False,  # the service writes its own access line, with the request ID (service.edge.logs)
         http=protocol_class(guard),
+        # X-Forwarded-For/-Proto only from TIUE_FORWARDED_ALLOW_IPS (uvicorn alone trusts 127.0.0.1, and a
+        # spoofed address would be a new client to the fair queue and the rate limiter).
+        proxy_headers=bool(trusted.spec),
+        forwarded_allow_ips=trusted.spec or "",
         ws="none",  # no websocket routes; an upgraded connection would leave the guard's count
         # Both only reach loop.call_later / asyncio.wait_for, which take float seconds (0.5 stays 0.5).
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]

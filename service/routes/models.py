@@ -39,6 +39,12 @@ class ModelObject(BaseModel):
     max_prompt_tokens: int
     decoders: list[Decoder] = Field(description='what `"decoder"` in /generate may name')
     default_decoder: Decoder = Field(description="the decoder of a request that names none")
+    trained_sizes: list[str] = Field(
+        description='"WxH" sizes the model was trained at and draws well; others get a warning'
+    )
+    vocabulary: list[str] | None = Field(
+        description="the words the model was trained on (others get a warning); null: not known"
+    )
     safety_checker: bool = Field(
         default=False, description="its images pass a safety checker (flagged ones are withheld)"
     )
@@ -74,6 +80,8 @@ def model_object(model: ServedModel, default: str, alias: str | None = None) -> 
         max_prompt_tokens=info.max_prompt_tokens,
         decoders=list(info.decoders),
         default_decoder=info.default_decoder,
+        trained_sizes=[f"{w}x{h}" for w, h in info.trained_sizes],
+        vocabulary=None if info.vocabulary is None else list(info.vocabulary),
         safety_checker=info.safety_checker,
     )
 

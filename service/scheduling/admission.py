@@ -3,16 +3,18 @@
 A request is refused at once -- never accepted only to time out later -- when
 - it alone would cost more than `max_request_s` (422 too_costly, saying how to stay under);
 - its client is over the optional per-client rate limit (429 rate_limited);
-- the queue holds `max_queue_s` of work, or the client already holds its share of it (429 queue_full);
+- the queue holds `max_queue_s` of work or `queue_size` images, or the client already holds its share of
+  the work (429 queue_full);
 - the fair queue would not reach it before its deadline (429 queue_full).
-Every 429 carries a `Retry-After` computed from the same estimates.
+Every 429 carries a `Retry-After` computed from the same estimates. `refuse_early` applies the same rules
+to the cheapest request there is, before a request's body is read, so that most refusals cost no parsing.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.types import BatchKey
@@ -21,6 +23,7 @@ from service.scheduling.batcher import MicroBatcher
 from service.scheduling.cost import CostModel
 from service.settings import Settings
 
+ANSWER_MARGIN = 0.1  # of the timeout (at most 1 s), kept for encoding and sending the images
 _MAX_BUCKETS = 10_000  # clients remembered by the rate limiter; the least recently seen go first
 
 
@@ -88,6 +91,28 @@ class Admission:
         limit = min(self.settings.max_request_s, self.settings.request_timeout_s)
         if cost > limit:
             raise TooCostly(_too_costly(cost_model, key, images, cost, limit, size_multiple))
+        # Its images are done when the batches they ride in are: count each part as a full batch.
+        batch = self.settings.engine.max_batch_size
+        finish = -(-images // batch) * cost_model.batch_seconds(key, batch)
+        self._check(client, images, cost, finish, deadline)
+        if self.rate is not None:
+            self.rate.take(client, images)
+        return cost
+
+    def refuse_early(
+        self, client: str, deadline: float, cheapest: Sequence[CostModel], key: BatchKey
+    ) -> None:
+        """Before the body is read or tokenized: raise the refusal that any request from `client` would get
+        now, whatever it asks for -- priced as the cheapest there is, one image at `key`'s size (the smallest
+        served) on the cheapest of the models' `cheapest` costs. Changes nothing."""
+        if not cheapest:
+            return
+        cost = min(model.seconds(key, 1) for model in cheapest)
+        finish = min(model.batch_seconds(key, self.settings.engine.max_batch_size) for model in cheapest)
+        self._check(client, 1, cost, finish, deadline)
+
+    def _check(self, client: str, images: int, cost: float, finish: float, deadline: float) -> None:
+        """The refusals, in order: rate, queue (device seconds, then images), client share, deadline."""
         if self.rate is not None:
             wait = self.rate.wait_s(client, images)
             if wait > 0:
@@ -104,6 +129,7 @@ class Admission:
                 f"over the {queue_limit:g} s this server queues; retry after the time in the Retry-After header",
                 retry_after_s=queued + cost - queue_limit,
             )
+        self.batcher.check_room(images)
         share = self.settings.client_share * queue_limit
         mine = self.batcher.ledger.client_seconds(client)
         if mine + cost > share:
@@ -114,19 +140,20 @@ class Admission:
             )
         left = deadline - self._clock()
         wait = self.batcher.wait_estimate_s(client)
-        # Its images are done when the batches they ride in are: count each part as a full batch.
-        batch = self.settings.engine.max_batch_size
-        finish = wait + -(-images // batch) * cost_model.batch_seconds(key, batch)
-        if finish > left:
+        # With nothing ahead it goes at once: an estimate that grew stale under load must not refuse
+        # every request for ever (no batch would run to correct it).
+        if wait > 0 and wait + finish > left:
             raise QueueFull(
                 f"the device could not finish this request within the {self.settings.request_timeout_s:g} s "
                 f"timeout (about {wait:.1f} s of work is ahead of it); retry after the time in the "
                 "Retry-After header",
-                retry_after_s=finish - left,
+                retry_after_s=wait + finish - left,
             )
-        if self.rate is not None:
-            self.rate.take(client, images)
-        return cost
+
+
+def device_deadline(arrived: float, timeout_s: float) -> float:
+    """When a request's images must be made, so that they can still be encoded and sent in its timeout."""
+    return arrived + timeout_s - min(ANSWER_MARGIN * timeout_s, 1.0)
 
 
 def _too_costly(

@@ -204,6 +204,15 @@ class MicroBatcher(Generic[M]):
         ahead = sum(item.cost_s for item in self._queued_items() if item.tag <= start)
         return self.ledger.running_seconds + ahead
 
+    def check_room(self, images: int) -> None:
+        """QueueFull unless `images` more fit within the queue's capacity."""
+        if self._pending_images + images > self.capacity_images:
+            raise QueueFull(
+                f"the queue is full ({self._pending_images} of {self.capacity_images} images waiting); "
+                "retry after the time in the Retry-After header",
+                retry_after_s=self.ledger.queued_seconds,
+            )
+
     @contextmanager
     def arrival(self) -> Iterator[None]:
         """A generation request from its arrival (before its body is read) to its answer."""
@@ -237,12 +246,7 @@ class MicroBatcher(Generic[M]):
             raise ValueError("submit() needs at least one request")
         if len({request.batch_key for request in requests}) != 1:
             raise ValueError("submit() takes requests that may share a batch (one batch_key)")
-        if self._pending_images + len(requests) > self.capacity_images:
-            raise QueueFull(
-                f"the queue is full ({self._pending_images} of {self.capacity_images} images waiting); "
-                "retry after the time in the Retry-After header",
-                retry_after_s=self.ledger.queued_seconds,
-            )
+        self.check_room(len(requests))
         loop = asyncio.get_running_loop()
         now = self._clock()
         futures: list[asyncio.Future[ItemResult]] = []

@@ -3,6 +3,9 @@
 "use strict";
 
 const KEY_STORAGE = "tiue-serve.api-key";
+const HISTORY_STORAGE = "tiue-serve.history";
+const MAX_RUNS = 30;
+const HISTORY_BUDGET = 2000000; // characters of localStorage (about 5 MB in all per origin) for history
 const FIELD_OF_PARAM = {
   prompt: "prompt", model: "model", n: "n", size: "size", width: "size", height: "size",
   seed: "seed", output_format: "format", decoder: "decoder",
@@ -11,6 +14,7 @@ const $ = (id) => document.getElementById(id);
 let models = []; // from /v1/models; empty when the server lists none (one default model)
 let busy = false;
 let modelsNeedKey = false; // /v1/models answered 401: ask again once a key works
+let runs = []; // the history shown, newest first (what localStorage keeps, see saveHistory)
 
 function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
@@ -73,9 +77,11 @@ function describe(model) {
   const size = nativeSize(model);
   if (size) parts.push(`native ${size[0]}×${size[1]}`);
   if (model.steps) parts.push(`${model.steps} steps`);
-  const runs = [model.backend, model.precision].filter(Boolean).join(" ");
-  if (runs) parts.push(runs);
+  const runsOn = [model.backend, model.precision].filter(Boolean).join(" ");
+  if (runsOn) parts.push(runsOn);
   if (decoders(model).length > 1) parts.push(`decoders: ${decoders(model).join(", ")}`);
+  const trained = trainedSizes(model);
+  if (trained.length) parts.push(`draws best at ${trained.join(", ")}`);
   return parts.length ? `${model.id}: ${parts.join(", ")}` : model.id;
 }
 
@@ -83,6 +89,20 @@ function describe(model) {
 function nativeSize(model) {
   const match = /^(\d+)x(\d+)$/.exec(String(model.native_size || ""));
   return match ? [Number(match[1]), Number(match[2])] : null;
+}
+
+function trainedSizes(model) {
+  return Array.isArray(model.trained_sizes) ? model.trained_sizes.map(String) : [];
+}
+
+/** The words the model was trained on, under the prompt; hidden when the model does not say. */
+function showVocabulary(model) {
+  const note = $("vocabulary");
+  const words = model && Array.isArray(model.vocabulary) ? model.vocabulary : null;
+  note.hidden = !words;
+  note.textContent = words
+    ? `${model.id} knows only these words: ${words.join(" ")}. Other words get a warning and are likely ignored.`
+    : "";
 }
 
 function decoders(model) {
@@ -100,12 +120,14 @@ function showModel() {
   sizes.replaceChildren();
   const decoderField = $("decoder-field");
   decoderField.hidden = true;
+  showVocabulary(model);
   if (!model) return;
   $("model-note").textContent = describe(model);
   const native = nativeSize(model);
   if (native) {
     const [width, height] = native;
-    for (const scale of [1, 2]) sizes.append(new Option(`${scale * width}x${scale * height}`));
+    const offered = new Set([...trainedSizes(model), `${width}x${height}`, `${2 * width}x${2 * height}`]);
+    for (const size of offered) sizes.append(new Option(size));
     $("size").placeholder = `native: ${width}x${height}`;
   }
   const choices = decoders(model);
@@ -182,61 +204,218 @@ function requestBody() {
   return body;
 }
 
+// -- history: every answer, newest first, kept in this browser (localStorage) -----------------------
+
+/** Make a run from an answer: what was asked, what came back, and how long it took. */
+function runOf(sent, body) {
+  const seeds = body.data.map((item) => item.seed);
+  return {
+    created: Date.now(),
+    prompt: sent.prompt,
+    model: body.model,
+    size: body.size,
+    decoder: body.decoder || null,
+    output_format: body.output_format,
+    request: { ...sent, seed: seeds[0] }, // image i had seed + i: the first seed makes them all again
+    images: body.data.map((item) => ({ seed: item.seed, b64: item.b64_json })),
+    timings: body.timings || {},
+    warnings: body.warnings || [],
+    images_dropped: false,
+  };
+}
+
+function loadHistory() {
+  try {
+    const runs = JSON.parse(localStorage.getItem(HISTORY_STORAGE) || "[]");
+    return Array.isArray(runs) ? runs.filter((run) => run && typeof run.prompt === "string") : [];
+  } catch (_) {
+    return [];
+  }
+}
+
+/** Keep at most MAX_RUNS runs and HISTORY_BUDGET characters, dropping the oldest first; a run too large
+ * on its own is kept without its images. Never throws: a full quota costs history, not the page. */
+function saveHistory(runs) {
+  let kept = runs.slice(0, MAX_RUNS);
+  while (kept.length) {
+    const text = JSON.stringify(kept);
+    if (text.length <= HISTORY_BUDGET) {
+      try {
+        localStorage.setItem(HISTORY_STORAGE, text);
+        return kept;
+      } catch (_) { /* the quota is smaller than the budget (or storage is off): drop more */ }
+    }
+    if (kept.length > 1) kept = kept.slice(0, -1);
+    else if (!kept[0].images_dropped) kept = [{ ...kept[0], images: [], images_dropped: true }];
+    else break;
+  }
+  try { localStorage.removeItem(HISTORY_STORAGE); } catch (_) { /* storage off */ }
+  return [];
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
 function withheld(item, index, count) {
-  const note = document.createElement("p");
-  note.className = "withheld";
-  note.textContent = `Image ${index + 1} of ${count} (seed ${item.seed}) was withheld: the safety checker flagged it.`;
-  const entry = document.createElement("li");
+  const note = element("p", "withheld", `Image ${index + 1} of ${count} (seed ${item.seed}) was withheld: the safety checker flagged it.`);
+  const entry = element("li");
   entry.append(note);
   return entry;
 }
 
-function figure(item, index, count, format) {
-  if (item.b64_json === null) return withheld(item, index, count);
+function figure(run, item, index) {
+  const count = run.images.length;
+  const format = run.output_format;
+  if (item.b64 === null) return withheld(item, index, count);
   const extension = format === "jpeg" ? "jpg" : format;
-  const url = `data:image/${format};base64,${item.b64_json}`;
+  const url = `data:image/${format};base64,${item.b64}`;
   const image = document.createElement("img");
   image.src = url;
-  image.alt = `Image ${index + 1} of ${count}, seed ${item.seed}`;
-  const seed = document.createElement("span");
-  seed.className = "seed-value";
-  seed.textContent = `seed ${item.seed}`;
-  const link = document.createElement("a");
+  image.alt = `Image ${index + 1} of ${count} for "${run.prompt}", seed ${item.seed}`;
+  const seed = element("button", "seed-value", `seed ${item.seed}`);
+  seed.type = "button";
+  seed.setAttribute("aria-label", `Reuse seed ${item.seed}`);
+  seed.title = "Reuse this seed";
+  seed.addEventListener("click", () => reuseSeed(item.seed));
+  const link = element("a", "", "Download");
   link.href = url;
   link.download = `tiue-${item.seed}.${extension}`;
-  link.textContent = "Download";
   link.setAttribute("aria-label", `Download image ${index + 1} (seed ${item.seed}) as ${extension.toUpperCase()}`);
-  const caption = document.createElement("figcaption");
+  const caption = element("figcaption");
   caption.append(seed, link);
-  const frame = document.createElement("figure");
+  const frame = element("figure");
   frame.append(image, caption);
-  const entry = document.createElement("li");
+  const entry = element("li");
   entry.append(frame);
   return entry;
 }
 
-function showResult(body) {
-  const count = body.data.length;
-  $("grid").replaceChildren(...body.data.map((item, i) => figure(item, i, count, body.output_format)));
-  $("warnings").replaceChildren(...(body.warnings || []).map((text) => {
-    const entry = document.createElement("li");
-    entry.textContent = text;
-    return entry;
-  }));
-  const stages = Object.entries(body.timings || {}).map(([stage, seconds]) => {
-    const pair = document.createElement("div");
-    const name = document.createElement("dt");
-    name.textContent = stage.replace(/_/g, " ");
-    const value = document.createElement("dd");
-    value.textContent = (1000 * seconds).toFixed(1);
-    pair.append(name, value);
-    return pair;
-  });
-  $("timings").replaceChildren(...stages);
-  const made = [`${count} ${count === 1 ? "image" : "images"}`, body.size, body.model];
-  if (body.decoder) made.push(`${body.decoder} decoder`);
-  $("results-title").textContent = made.join(" · ");
-  $("results").hidden = false;
+function timingList(timings) {
+  const list = element("dl", "timings");
+  for (const [stage, seconds] of Object.entries(timings)) {
+    const pair = element("div");
+    pair.append(element("dt", "", stage.replace(/_/g, " ")), element("dd", "", `${(1000 * seconds).toFixed(1)} ms`));
+    list.append(pair);
+  }
+  return list;
+}
+
+/** A shell-safe single-quoted word. */
+function shellQuote(text) {
+  return `'${String(text).replace(/'/g, "'\\''")}'`;
+}
+
+/** The run as a curl command: the same body with its first seed, so it makes the same images. One image
+ * comes back as the file itself; several as the JSON answer. --fail: an error never lands in the file. */
+function curlCommand(run) {
+  const body = { ...run.request };
+  const parts = ["curl --fail -sS", shellQuote(`${location.origin}/generate`), "-H 'Content-Type: application/json'"];
+  if (apiKey()) parts.push('-H "Authorization: Bearer $TIUE_API_KEY"');
+  const single = (body.n || 1) === 1;
+  const extension = run.output_format === "jpeg" ? "jpg" : run.output_format;
+  if (single) parts.push("-H", shellQuote(`Accept: image/${run.output_format}`));
+  parts.push("-d", shellQuote(JSON.stringify(body)));
+  parts.push("-o", single ? `tiue-${body.seed}.${extension}` : `tiue-${body.seed}.json`);
+  return parts.join(" ");
+}
+
+async function copyCurl(run, button) {
+  const command = curlCommand(run);
+  try {
+    await navigator.clipboard.writeText(command);
+    button.textContent = "Copied";
+  } catch (_) { // no clipboard here (an insecure origin, a policy): show it, selected, to copy by hand
+    const code = button.closest(".run").querySelector(".curl code");
+    code.closest("details").open = true;
+    getSelection().selectAllChildren(code);
+    button.textContent = "Selected: press Ctrl+C";
+  }
+  setTimeout(() => { button.textContent = "Copy as curl"; }, 2500);
+}
+
+function runEntry(run) {
+  const entry = element("li", "run");
+  const title = element("h3", "run-prompt", run.prompt);
+  const count = run.images.length || (run.request && run.request.n) || 0;
+  const made = [`${count} ${count === 1 ? "image" : "images"}`, run.size, run.model];
+  if (run.decoder) made.push(`${run.decoder} decoder`);
+  made.push(new Date(run.created).toLocaleTimeString());
+  entry.append(title, element("p", "run-meta", made.join(" · ")));
+  if (run.warnings.length) {
+    const warnings = element("ul", "warnings");
+    warnings.setAttribute("aria-label", "Warnings");
+    warnings.append(...run.warnings.map((text) => element("li", "", text)));
+    entry.append(warnings);
+  }
+  if (run.images_dropped) {
+    entry.append(element("p", "note", "Its images were too large to keep in this browser's storage."));
+  } else {
+    const grid = element("ul", "grid");
+    grid.append(...run.images.map((item, i) => figure(run, item, i)));
+    entry.append(grid, timingList(run.timings));
+  }
+  const copy = element("button", "secondary copy-curl", "Copy as curl");
+  copy.type = "button";
+  copy.addEventListener("click", () => copyCurl(run, copy));
+  const curl = element("details", "curl");
+  curl.append(element("summary", "", "curl command"), element("code", "", curlCommand(run)));
+  const actions = element("div", "run-actions");
+  actions.append(copy, curl);
+  entry.append(actions);
+  return entry;
+}
+
+function showHistory() {
+  $("history").replaceChildren(...runs.map(runEntry));
+  $("results").hidden = runs.length === 0;
+}
+
+/** The new run on top; the page then shows what a reload would (what storage kept), except that the new
+ * run keeps its images on the page even when storage could not. */
+function addRun(run) {
+  const kept = saveHistory([run, ...runs]);
+  runs = [run, ...kept.slice(kept.length && kept[0].created === run.created ? 1 : 0)];
+  showHistory();
+}
+
+function clearHistory() {
+  runs = [];
+  try { localStorage.removeItem(HISTORY_STORAGE); } catch (_) { /* storage off */ }
+  showHistory();
+  $("status").textContent = "History cleared.";
+  $("prompt").focus();
+}
+
+function reuseSeed(seed) {
+  $("seed-random").checked = false;
+  $("seed").disabled = false;
+  $("seed").value = String(seed);
+  $("seed").focus();
+  $("status").textContent = `Seed ${seed} set: the next images start from it.`;
+}
+
+// -- generating -------------------------------------------------------------------------------------
+
+/** "Generating… 1.2 s", counting while the request is out; returns the function that stops it. */
+function showProgress() {
+  const started = performance.now();
+  $("status").textContent = "Generating…";
+  const elapsed = $("elapsed");
+  const progress = $("progress");
+  progress.hidden = false;
+  const tick = () => { elapsed.textContent = `${((performance.now() - started) / 1000).toFixed(1)} s`; };
+  tick();
+  const timer = setInterval(tick, 100);
+  return () => {
+    clearInterval(timer);
+    progress.hidden = true;
+    elapsed.textContent = "";
+    return (performance.now() - started) / 1000;
+  };
 }
 
 async function generate() {
@@ -246,27 +425,29 @@ async function generate() {
   button.setAttribute("aria-disabled", "true");
   $("results").setAttribute("aria-busy", "true");
   clearError();
-  $("status").textContent = "Generating…";
-  const started = performance.now();
+  const stop = showProgress();
+  const sent = requestBody();
   try {
     const response = await fetch("/generate", {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify(requestBody()),
+      body: JSON.stringify(sent),
     });
     if (!response.ok) {
       if (response.status === 401) askForKey();
       const { message, param } = await errorSentence(response);
+      stop();
       $("status").textContent = "";
       showError(message, param);
       return;
     }
     const body = await response.json();
-    showResult(body);
+    const seconds = stop();
+    addRun(runOf(sent, body));
     if (modelsNeedKey) loadModels();
-    const seconds = ((performance.now() - started) / 1000).toFixed(2);
-    $("status").textContent = `Done in ${seconds} s.`;
+    $("status").textContent = `Done in ${seconds.toFixed(2)} s.`;
   } catch (error) {
+    stop();
     $("status").textContent = "";
     showError(`Could not reach the server (${error.message}). Is it running?`, null);
   } finally {
@@ -293,6 +474,7 @@ function start() {
     if (!event.target.checked) $("seed").focus();
   });
   $("model").addEventListener("change", showModel);
+  $("clear-history").addEventListener("click", clearHistory);
   const key = $("api-key");
   key.value = apiKey();
   if (key.value) askForKey();
@@ -305,6 +487,8 @@ function start() {
     clearError();
     loadModels(); // the list a key may have been needed for
   });
+  runs = loadHistory();
+  showHistory();
   loadModels();
 }
 

@@ -80,7 +80,13 @@ class FakeEngine:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    defaults: dict[str, Any] = {"max_wait_ms": 5, "encode_threads": 2, "shutdown_grace_s": 5}
+    # event_loop_nice 0: a server in the test process must not lower the priority of pytest's own thread.
+    defaults: dict[str, Any] = {
+        "max_wait_ms": 5,
+        "encode_threads": 2,
+        "shutdown_grace_s": 5,
+        "event_loop_nice": 0,
+    }
     return Settings(**{**defaults, **overrides})
 
 

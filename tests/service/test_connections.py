@@ -73,12 +73,21 @@ async def test_kept_alive_connections_wait_for_the_keep_alive_timeout_not_the_he
 
 
 async def test_connections_over_the_cap_are_refused_and_probes_still_answer(engine: FakeEngine) -> None:
-    async with tiue_server(engine, max_connections=3, header_timeout_s=5) as served:
+    async with tiue_server(
+        engine, max_connections=3, max_connections_per_address=20, header_timeout_s=5
+    ) as served:
         guard = served.server.guard
-        first = await raw_connection(served.port)
-        assert b" 200 " in await get(*first, "/livez")
-        others = [await raw_connection(served.port) for _ in range(2)]
-        await wait_until(lambda: guard.open == 3)
+        # Three connections busy sending a body: none is waiting for a request, so none can make room.
+        body = json.dumps(GOOD).encode()
+        head = (
+            "POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        busy = [await raw_connection(served.port) for _ in range(3)]
+        for _, writer in busy:
+            writer.write(head + body[:-1])
+        first, others = busy[0], busy[1:]
+        await wait_until(lambda: served.state.metrics.in_flight._value.get() == 3)  # their headers are in
         # Over the cap, a few connections may still probe; anything else gets 503 and the door.
         probes = [await raw_connection(served.port) for _ in range(PROBE_SLOTS)]
         await wait_until(lambda: guard.open == 3 + PROBE_SLOTS)
@@ -94,7 +103,8 @@ async def test_connections_over_the_cap_are_refused_and_probes_still_answer(engi
         refused = [await raw_connection(served.port) for _ in range(3)]
         refused_answers = [await read_until_closed(reader, timeout=2) for reader, _ in refused]
         # The connections inside the cap are untouched.
-        assert b" 200 " in await get(*first, "/livez")
+        first[1].write(body[-1:])
+        first_answer = await first[0].readuntil(b"\r\n\r\n")
         for _, writer in [*others, *probes, *refused]:
             writer.close()
         await wait_until(lambda: guard.open == 1)
@@ -102,6 +112,7 @@ async def test_connections_over_the_cap_are_refused_and_probes_still_answer(engi
             generated = await client.post("/generate", json=GOOD)
             metrics = (await client.get("/metrics")).text
         first[1].close()
+    assert first_answer.startswith(b"HTTP/1.1 200 ")
     assert b"connection: close" in probe_answer and b'"alive"' in probe_answer
     assert ready_answer.startswith(b"HTTP/1.1 200 ")
     assert busy_answer.startswith(b"HTTP/1.1 503 ") and error_code(busy_answer) == "overloaded"
@@ -109,6 +120,7 @@ async def test_connections_over_the_cap_are_refused_and_probes_still_answer(engi
     assert refused_answers == [b"", b"", b""]
     assert generated.status_code == 200
     assert "tiue_connections_refused_total 3.0" in metrics
+    assert "tiue_connections_evicted_total 0.0" in metrics
     assert "tiue_open_connections 2.0" in metrics  # `first` and the client's own
 
 

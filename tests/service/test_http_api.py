@@ -402,7 +402,8 @@ async def test_full_queue_is_429_with_retry_after(engine: FakeEngine) -> None:
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert "queue is full" in error_of(refused)["message"]
-    assert 'tiue_requests_rejected_total{model="fake-tiue",reason="queue_full"} 1.0' in metrics
+    # Refused before its body was read: no model chosen yet.
+    assert 'tiue_requests_rejected_total{model="",reason="queue_full"} 1.0' in metrics
 
 
 async def test_request_past_its_deadline_is_504_and_never_computed(engine: FakeEngine) -> None:

@@ -218,7 +218,8 @@ async def test_json_logs_are_one_object_per_line_for_everything(capfd: pytest.Ca
         assert {"ts", "level", "logger", "message"} <= set(line), line
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
     loggers = {line["logger"] for line in lines}
-    assert {"uvicorn.error", "py.warnings", "tiue.access", "service.test"} <= loggers
+    assert {"uvicorn.error", "tiue.access", "service.test"} <= loggers
+    assert "py.warnings" not in loggers  # a library's warning is for debugging: at info it is not shown
     assert "uvicorn.access" not in loggers  # ours replaces it
     assert not any("secret red circle" in json.dumps(line) for line in lines)  # no prompt at info
 
@@ -237,6 +238,25 @@ async def test_json_logs_are_one_object_per_line_for_everything(capfd: pytest.Ca
     assert traceback_line["level"] == "ERROR" and "caught fire" in traceback_line["traceback"]
     assert "json-fail" in json.dumps(traceback_line)  # the batch's line names the requests in it
     assert [line["status"] for line in access_lines(lines, "json-fail")] == [500]
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_library_warnings_go_through_the_log_at_debug(level: str, capfd: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level, LogFormat.JSON)
+    with warnings.catch_warnings():  # out of pytest's own record of warnings, into the log's
+        warnings.simplefilter("always")
+        logging.captureWarnings(True)
+        warnings.warn("a library's note", UserWarning, stacklevel=1)
+    logging.getLogger("diffusers.configuration_utils").warning("a config note")
+    logging.getLogger("transformers.modeling_utils").error("a library error")
+    logging.getLogger("engine.pipeline").warning("our own warning")
+    lines = [json_line(line) for line in capfd.readouterr().err.splitlines()]
+    seen = {line["logger"]: line["level"] for line in lines}
+    assert seen.pop("engine.pipeline") == "WARNING" and seen.pop("transformers.modeling_utils") == "ERROR"
+    assert seen == (
+        {"py.warnings": "DEBUG", "diffusers.configuration_utils": "DEBUG"} if level == "debug" else {}
+    )
 
 
 def test_the_log_format_is_a_setting_and_a_flag(monkeypatch: pytest.MonkeyPatch) -> None:
