@@ -75,6 +75,17 @@ async def uvicorn_app(app: FastAPI) -> AsyncIterator[str]:
         sock.close()
 
 
+@asynccontextmanager
+async def fake_engine_app(engine: FakeEngine, **settings: Any) -> AsyncIterator[tuple[str, FastAPI]]:
+    """The app on `engine` under a real uvicorn; yields its URL and the app; opens the engine's gate on exit."""
+    app = create_app(make_settings(**settings), pipeline_factory=lambda: engine)
+    try:
+        async with uvicorn_app(app) as url:
+            yield url, app
+    finally:
+        engine.gate.set()
+
+
 async def raw_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", port)
 

@@ -6,31 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from fakes import FakeEngine, make_settings, pixel_value, wait_until
+from fakes import FakeEngine, pixel_value, wait_until
 from openai.types import ImageGenCompletedEvent
 from PIL import Image
-from serving import uvicorn_app
+from serving import fake_engine_app as serving
 
-from service.app import create_app
 from service.streaming import PARTIAL_IMAGES_WARNING
-
-
-@asynccontextmanager
-async def serving(engine: FakeEngine, **settings: Any) -> AsyncIterator[tuple[str, Any]]:
-    app = create_app(make_settings(**settings), pipeline_factory=lambda: engine)
-    try:
-        async with uvicorn_app(app) as url:
-            yield url, app
-    finally:
-        engine.gate.set()
 
 
 def sdk(url: str) -> openai.AsyncOpenAI:

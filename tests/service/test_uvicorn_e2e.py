@@ -6,26 +6,13 @@ import asyncio
 import base64
 import io
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 
 import httpx
 import numpy as np
-from fakes import FakeEngine, make_settings, pixel_value, wait_until
+from fakes import FakeEngine, pixel_value, wait_until
 from PIL import Image
-from serving import uvicorn_app
-
-from service.app import create_app
-
-
-@asynccontextmanager
-async def uvicorn_serving(engine: FakeEngine, **settings: object) -> AsyncIterator[tuple[str, object]]:
-    app = create_app(make_settings(**settings), pipeline_factory=lambda: engine)
-    try:
-        async with uvicorn_app(app) as url:
-            yield url, app
-    finally:
-        engine.gate.set()
+from serving import fake_engine_app as uvicorn_serving
 
 
 def metric(text: str, name: str) -> float:
