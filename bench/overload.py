@@ -395,10 +395,22 @@ class Row:
     discarded: str
     server_good: float | None = None  # images answered 200 within the timeout by the server's clock
     server_capacity: float | None = None
+    device_busy_s: float | None = None  # tiue_device_busy_seconds_total at the end of the run
+    generated: float | None = None  # tiue_images_generated_total at the end of the run
 
     @property
     def server_goodput(self) -> float | None:
         return None if self.server_good is None else self.server_good / self.tally.elapsed_s
+
+    def _busy(self) -> str:
+        """The device's share of the run, and its seconds per image made: idle time between batches
+        shows in the first, CPU taken from a running batch in the second."""
+        if self.device_busy_s is None:
+            return "-"
+        cell = f"{100 * self.device_busy_s / self.tally.elapsed_s:.0f} %"
+        if self.generated:
+            cell += f", {1000 * self.device_busy_s / self.generated:.1f} ms/img"
+        return cell
 
     def cells(self) -> list[str]:
         t = self.tally
@@ -423,6 +435,7 @@ class Row:
             ms(p50),
             ms(p99),
             ms(server_p99),
+            self._busy(),
             self.discarded,
         ]
 
@@ -443,6 +456,7 @@ HEADER = [
     "p50 ms",
     "p99 ms",
     "server p99 ms",
+    "device busy",
     "images discarded",
 ]
 
@@ -607,7 +621,20 @@ def scenarios(args: argparse.Namespace) -> list[Row]:
         if "{rate}" in offered:
             offered = offered.format(rate=f"{tally.sent / tally.elapsed_s:.0f}")
         described = ", ".join(f"{key} {value:g}" for key, value in settings.items())
-        row = Row(name, described, offered, tally, capacity, discarded(text, tally), good, server_capacity)
+        busy = metric_sum(text, "tiue_device_busy_seconds_total")
+        made = metric_sum(text, "tiue_images_generated_total")
+        row = Row(
+            name,
+            described,
+            offered,
+            tally,
+            capacity,
+            discarded(text, tally),
+            good,
+            server_capacity,
+            busy,
+            made,
+        )
         rows.append(row)
         print(" | ".join(row.cells()), file=sys.stderr, flush=True)
 

@@ -208,6 +208,29 @@ def counted(metrics: ServiceMetrics, name: str, reason: str) -> float:
     return value
 
 
+@pytest.mark.parametrize(
+    ("seconds_per_image", "staged"),
+    [(0.03, True), (0.1, False)],  # a 120 ms batch (the default model on a CPU core) / a 400 ms one
+)
+async def test_only_a_batch_estimated_short_has_the_next_staged_behind_it(
+    engine: FakeEngine, seconds_per_image: float, staged: bool
+) -> None:
+    engine.gate.clear()
+    batcher, worker, _, model = setup_costed(engine, seconds_per_image)
+    futures = [
+        batcher.submit(model, reqs(1, seed=i), deadline(), cost_s=seconds_per_image)[0] for i in range(8)
+    ]
+    assert [r.seed for r in await engine.wait_entered()] == [0, 1, 2, 3]
+    if staged:
+        await wait_until(lambda: batcher.pending_images == 0)  # 4..7 wait on the device thread
+    else:
+        await asyncio.sleep(0.1)
+        assert batcher.pending_images == 4  # still in the fair queue, placed when the device is free
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    await worker.stop(5)
+
+
 async def test_a_staged_batch_whose_requests_gave_up_is_never_computed(engine: FakeEngine) -> None:
     engine.gate.clear()
     batcher, worker, metrics, model = setup_costed(engine, seconds_per_image=0.001)
