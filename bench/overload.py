@@ -205,30 +205,45 @@ class Tally:
                 self.good_images += 1
 
 
+def source_address(key: str | None) -> str:
+    """Each client's own loopback address (127.0.1.N by its key), as users behind no proxy each have
+    theirs: the server's per-address connection cap then limits one client, not the whole load."""
+    return "127.0.0.1" if key is None else f"127.0.1.{KEYS.index(key) + 1}"
+
+
 class Pool:
-    """Kept-alive HTTP/1.1 connections over asyncio streams: a few lines of parsing cost far less CPU per
-    request than a full client, so on a small machine the load generator does not starve the server."""
+    """Kept-alive HTTP/1.1 connections over asyncio streams, per client: a few lines of parsing cost far
+    less CPU per request than a full client, so on a small machine the load generator does not starve
+    the server."""
 
     def __init__(self, url: str, timeout_s: float):
         host, port = url.removeprefix("http://").split(":")
         self.host, self.port = host, int(port)
         self.timeout_s = max(10.0, 3 * timeout_s)
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str], source: str = "127.0.0.1"
+    ) -> tuple[int, dict[str, str]]:
         """(status, headers); the body is read and dropped. Raises OSError/TimeoutError on failure."""
         lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-        while self.idle:  # a kept-alive connection the server closed meanwhile: try the next, then a new one
+        idle = self.idle.setdefault(source, [])
+        while idle:  # a kept-alive connection the server closed meanwhile: try the next, then a new one
             try:
-                return await self._exchange(*self.idle.pop(), request)
+                return await self._exchange(*idle.pop(), request, idle)
             except (asyncio.IncompleteReadError, ConnectionError):
                 continue
-        return await self._exchange(*await asyncio.open_connection(self.host, self.port), request)
+        connection = await asyncio.open_connection(self.host, self.port, local_addr=(source, 0))
+        return await self._exchange(*connection, request, idle)
 
     async def _exchange(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request: bytes,
+        idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
     ) -> tuple[int, dict[str, str]]:
         try:
             writer.write(request)
@@ -239,12 +254,13 @@ class Pool:
         if fields.get("connection", "").lower() == "close":
             writer.close()
         else:
-            self.idle.append((reader, writer))
+            idle.append((reader, writer))
         return status, fields
 
     def close(self) -> None:
-        for _reader, writer in self.idle:
-            writer.close()
+        for connections in self.idle.values():
+            for _reader, writer in connections:
+                writer.close()
         self.idle.clear()
 
 
@@ -264,7 +280,7 @@ async def send(pool: Pool, key: str | None, tally: Tally) -> str:
     tally.sent += 1
     server_s = None
     try:
-        code, fields = await pool.post("/generate", body, headers)
+        code, fields = await pool.post("/generate", body, headers, source_address(key))
         status = str(code)
         total = _SERVER_TOTAL.search(fields.get("server-timing", ""))
         server_s = float(total.group(1)) / 1000 if total else None
@@ -415,7 +431,8 @@ class Row:
     def cells(self) -> list[str]:
         t = self.tally
         goodput = t.good_images / t.elapsed_s
-        other = sum(v for k, v in t.statuses.items() if k not in ("200", "429", "503", "504"))
+        others = {k: v for k, v in t.statuses.items() if k not in ("200", "429", "503", "504")}
+        other = str(sum(others.values())) + _reasons(dict(sorted(others.items())))
         p50, p99 = percentile(t.latencies, 0.5), percentile(t.latencies, 0.99)
         server_p99 = percentile(t.server_latencies, 0.99)
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
@@ -431,7 +448,7 @@ class Row:
             f"{goodput:.1f}",
             f"{100 * goodput / self.capacity:.0f} %",
             *(str(t.statuses.get(s, 0)) for s in ("200", "429", "503", "504")),
-            str(other),
+            other,
             ms(p50),
             ms(p99),
             ms(server_p99),
