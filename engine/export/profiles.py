@@ -166,9 +166,10 @@ def pixel_range(text: str, dims: ModelDims) -> Range:
 
 
 def profiles_from_specs(
-    size_specs: list[str] | None, batch: Range | None, dims: ModelDims, max_batch_size: int = 8
+    size_specs: list[str] | None, batch: Range | None, dims: ModelDims, max_batch_size: int
 ) -> tuple[Profile, ...]:
-    """One profile per size spec, in image pixels: 'RANGE' (both sides) or 'WIDTHxHEIGHT' ranges, like the API's "WxH"."""
+    """One profile per size spec, in image pixels: 'RANGE' (both sides) or 'WIDTHxHEIGHT' ranges, like the API's "WxH".
+    Without `batch`, batches up to `max_batch_size`: the profile the server with that setting looks for."""
     batch = batch or default_batch(max_batch_size)
     if not size_specs:
         return tuple(Profile(batch, p.height, p.width) for p in default_profiles(dims, batch.max))

@@ -41,12 +41,12 @@ def test_default_profile_for_sd_is_256_to_768_px() -> None:
 
 
 def test_size_specs_are_pixels_width_first() -> None:
-    profiles = profiles_from_specs(["256:512:768", "512x256:512:1024"], Range.parse("1:2:4"), SD_DIMS)
+    profiles = profiles_from_specs(["256:512:768", "512x256:512:1024"], Range.parse("1:2:4"), SD_DIMS, 4)
     assert profiles[0].height == profiles[0].width == Range(32, 64, 96)
     assert profiles[1].width == Range(64, 64, 64) and profiles[1].height == Range(32, 64, 128)
     assert all(p.batch == Range(1, 2, 4) for p in profiles)
     with pytest.raises(ValueError, match="multiples of 64 px"):
-        profiles_from_specs(["500"], None, SD_DIMS)
+        profiles_from_specs(["500"], None, SD_DIMS, 4)
     with pytest.raises(ValueError):
         Range.parse("8:4:1")
 
@@ -133,6 +133,30 @@ def test_cli_rejects_sizes_the_unet_cannot_take(
 
 
 # -- the backend and the cache ----------------------------------------------------------------------
+
+
+def test_build_engines_without_batch_builds_for_the_max_batch_size_the_server_runs(
+    tiny_model_dir: Path, tmp_path: Path, tiue: Cli, ort_config: Config
+) -> None:
+    """`--batch` defaults to 1:4:max-batch-size (its help says so), so the same settings as `tiue serve`
+    build the profile the server looks for; it was 1:4:8 whatever the setting, which a server with
+    batches of 16 refused."""
+    args = (
+        "--model",
+        tiny_model_dir,
+        "--engine-dir",
+        tmp_path,
+        "--backend",
+        "onnxruntime",
+        "--device",
+        "cpu",
+    )
+    assert tiue("build-engines", *args, "--sizes", "32:64:96", "--max-batch-size", "16") == 0
+    (entry,) = ArtefactStore(tmp_path).entries("onnx")
+    assert json.loads((entry.path / "manifest.json").read_text())["key"]["profiles"][0]["batch"] == [1, 4, 16]
+    config = dataclasses.replace(ort_config(tiny_model_dir, tmp_path), max_batch_size=16)  # build_engines off
+    pipeline = load_pipeline(config)
+    assert pipeline.backend.artefacts == entry.path  # type: ignore[attr-defined]
 
 
 def test_missing_artefacts_fail_clearly_without_building(
