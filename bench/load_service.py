@@ -102,12 +102,14 @@ def serve_child(cfg: dict[str, Any]) -> None:
     from service.settings import Settings
 
     logging.basicConfig(level=logging.WARNING)
-    settings = Settings(
-        max_batch_size=cfg["max_batch_size"],
-        max_wait_ms=cfg["max_wait_ms"],
-        queue_size=max(256, cfg["max_batch_size"]),
-        max_size=4096,
-        port=cfg["port"],
+    settings = Settings.model_validate(  # engine fields (max_batch_size) are taken at the top level too
+        {
+            "max_batch_size": cfg["max_batch_size"],
+            "max_wait_ms": cfg["max_wait_ms"],
+            "queue_size": max(256, cfg["max_batch_size"]),
+            "max_size": 4096,
+            "port": cfg["port"],
+        }
     )
     app = create_app(settings, pipeline_factory=lambda: make_engine(cfg))
     uvicorn.run(app, host="127.0.0.1", port=cfg["port"], log_level="warning", access_log=False)
@@ -190,17 +192,20 @@ def measure_direct(pipeline: Any, batch: int, size: tuple[int, int], seconds: fl
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Batch counts and the device's busy seconds (the sum of its stage times) so far."""
+    """Batch counts and the device's busy seconds (the sum of its stage times) so far, summed over every
+    label set (Prometheus' own parser, as the container smoke reads them)."""
     import httpx
 
-    values = {"busy_s": 0.0}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(("tiue_batch_size_images_sum", "tiue_batch_size_images_count")):
-            name, value = line.split()
-            values[name] = float(value)
-        elif line.startswith("tiue_stage_duration_seconds_sum") and 'stage="image_encode"' not in line:
-            values["busy_s"] += float(line.split()[-1])
-    return values
+    from deploy.smoke_checks import parse_metrics
+
+    metrics = parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
+    return {
+        "tiue_batch_size_images_sum": metrics.total("tiue_batch_size_images_sum"),
+        "tiue_batch_size_images_count": metrics.total("tiue_batch_size_images_count"),
+        "busy_s": metrics.total(
+            "tiue_stage_duration_seconds_sum", lambda labels: labels.get("stage") != "image_encode"
+        ),
+    }
 
 
 async def run_load(
