@@ -49,7 +49,9 @@ def export_graphs(config: EngineConfig, out: Path, batch: Range | None, sizes: l
 
     try:
         components = _load(config)
-        profiles = profiles_from_specs(sizes, batch, ModelDims.from_components(components), config.max_batch_size)
+        profiles = profiles_from_specs(
+            sizes, batch, ModelDims.from_components(components), config.max_batch_size
+        )
         model_hash = config_hash(components, config)
         entry = export_onnx_entry(ArtefactStore(out), components, config.precision, profiles, model_hash)
     except (EngineError, ValueError) as exc:
@@ -75,7 +77,9 @@ def build_engines(config: EngineConfig, batch: Range | None, sizes: list[str] | 
         trt = config.backend is BackendName.TENSORRT
         target = tensorrt_target(config.device, build_without_gpu=True) if trt else None  # before any work
         components = _load(config)
-        profiles = profiles_from_specs(sizes, batch, ModelDims.from_components(components), config.max_batch_size)
+        profiles = profiles_from_specs(
+            sizes, batch, ModelDims.from_components(components), config.max_batch_size
+        )
         building = dataclasses.replace(
             config, build_engines=True, max_batch_size=min(p.batch.max for p in profiles)
         )
