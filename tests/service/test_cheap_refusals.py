@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -131,3 +132,21 @@ def test_once_ready_the_event_loop_yields_the_cpu_to_the_device_thread() -> None
     main = nice.pop(process.pid)  # the event loop's thread
     # The device thread, started before, kept 0 (threads started from the loop afterwards inherit 10).
     assert main == 10 and 0 in nice.values(), nice
+
+
+async def test_an_answered_request_costs_no_thread_pool_hop(engine: FakeEngine) -> None:
+    """FastAPI runs a plain `def` dependency in AnyIO's worker threads: a thread hop per request that the
+    event loop and the device thread pay for on a busy core. Every route here resolves on the loop."""
+    before = {thread.ident for thread in threading.enumerate()}
+    async with (
+        tiue_server(engine) as served,
+        httpx.AsyncClient(base_url=served.url, timeout=10) as client,
+    ):
+        answers = [
+            await client.post("/generate", json=GOOD),
+            await client.post("/v1/images/generations", json=GOOD),
+            await client.get("/v1/models"),
+        ]
+        started = [t.name for t in threading.enumerate() if t.ident not in before]
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    assert not [name for name in started if name.startswith("AnyIO worker")], started
